@@ -1,0 +1,39 @@
+"""Lepton FL client SDK: embed `FederatedClient` + `TorchTrainer` in a partner app.
+
+Depends only on `protos` and torch/grpc; never on the server or the simulation harness.
+"""
+
+from client_sdk.client import ClientStats, FederatedClient
+from client_sdk.errors import (
+    AuthenticationError,
+    ConnectionFailed,
+    LeptonError,
+    ProtocolMismatch,
+    RoundClosed,
+    RunNotFound,
+    ServerError,
+    TrainingError,
+    UpdateRejected,
+)
+from client_sdk.trainer import Trainer, TorchTrainer
+from client_sdk.training import EvalResult, FitResult
+from client_sdk.transport import Backoff
+
+__all__ = [
+    "AuthenticationError",
+    "Backoff",
+    "ClientStats",
+    "ConnectionFailed",
+    "EvalResult",
+    "FederatedClient",
+    "FitResult",
+    "LeptonError",
+    "ProtocolMismatch",
+    "RoundClosed",
+    "RunNotFound",
+    "ServerError",
+    "TorchTrainer",
+    "Trainer",
+    "TrainingError",
+    "UpdateRejected",
+]

@@ -1,0 +1,3 @@
+from leptonfl.cli import main
+
+raise SystemExit(main())

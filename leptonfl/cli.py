@@ -1,0 +1,123 @@
+"""`leptonfl` command line. Results go to stdout (e.g. a new run's id, alone), human
+messages and logs to stderr, so commands compose in shell scripts.
+
+    leptonfl server start|migrate      the daemon (operator)
+    leptonfl run create|list|show|watch|cancel|model   runs over the Control API (operator)
+    leptonfl client                    a federated client for an app (edge node / demo)
+    leptonfl sim                       a simulation (researcher)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from leptonfl import __version__
+
+DEFAULT_SERVER_HELP = "HOST:PORT of the daemon (default: $LEPTONFL_SERVER, else 127.0.0.1:9721)"
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as `error: ...` with exit code 1, no traceback."""
+
+
+def _add_server(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help=DEFAULT_SERVER_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leptonfl", description="Lepton FL: federated learning daemon, client SDK and simulator.")
+    parser.add_argument("--version", action="version", version=f"leptonfl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    server = commands.add_parser("server", help="run or maintain the aggregation daemon")
+    server_cmds = server.add_subparsers(dest="server_command", required=True)
+    start = server_cmds.add_parser("start", help="run the daemon in the foreground (SIGTERM/SIGINT stop it)")
+    start.add_argument("--config", type=str, help="TOML file with a [server] table; flags override it")
+    start.add_argument("--address", help="listen address HOST:PORT (default 127.0.0.1:9721; port 0 picks a free one)")
+    start.add_argument("--data-dir", help="state directory: SQLite database and checkpoints (default ./leptonfl-data)")
+    start.add_argument("--db", help="SQLAlchemy URL instead of the SQLite file, e.g. postgresql+psycopg://user@host/db")
+    start.add_argument("--max-workers", type=int, help="gRPC worker threads (default 32)")
+    start.add_argument("--chunk-bytes", type=int, help="model stream chunk size (default 1 MiB)")
+    start.add_argument("--max-update-bytes", type=int, help="largest accepted update (default 2 GiB)")
+    start.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, help="seconds between client heartbeats (default 5)")
+    start.add_argument("--liveness-timeout", dest="liveness_timeout_s", type=float, help="seconds of silence before a client counts as offline (default 30)")
+    start.add_argument("--selection-grace", dest="selection_grace_s", type=float, help="seconds to wait for a full round once min clients are online (default 3)")
+    start.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    migrate = server_cmds.add_parser("migrate", help="upgrade the database schema of a data dir")
+    migrate.add_argument("--data-dir", default="leptonfl-data")
+    migrate.add_argument("--db", default="")
+
+    run = commands.add_parser("run", help="create and watch runs on a daemon")
+    run_cmds = run.add_subparsers(dest="run_command", required=True)
+    create = run_cmds.add_parser("create", help="create a run; prints its id alone on stdout")
+    _add_server(create)
+    create.add_argument("--app", required=True, help="app folder, .py file or module (see docs/apps.md)")
+    create.add_argument("--weights", help="initial weights (.safetensors); default: the app's model, seeded")
+    create.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
+    create.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg)")
+    create.add_argument("--rounds", type=int, default=5)
+    create.add_argument("--clients-per-round", type=int, default=2)
+    create.add_argument("--min-clients", type=int, help="fewest updates a round may close with (default: clients per round)")
+    create.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round phase (default 300)")
+    create.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="client config handed to every task, e.g. --set lr=0.05 --set local_epochs=2")
+    create.add_argument("--name", default="", help="a label for operators")
+    for name, helptext in (("list", "list runs"), ("show", "status and per-round metrics"),
+                           ("watch", "follow a run until it ends"), ("cancel", "cancel a run")):
+        sub = run_cmds.add_parser(name, help=helptext)
+        _add_server(sub)
+        if name != "list":
+            sub.add_argument("run_id")
+        if name in ("list", "show"):
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "cancel":
+            sub.add_argument("--reason", default="")
+    model = run_cmds.add_parser("model", help="download a committed global model as .safetensors")
+    _add_server(model)
+    model.add_argument("run_id")
+    model.add_argument("-o", "--output", required=True)
+    model.add_argument("--round", type=int, help="round to download (default: the latest committed; 0: initial)")
+
+    client = commands.add_parser("client", help="serve an app's training tasks from a daemon")
+    _add_server(client)
+    client.add_argument("--app", required=True)
+    client.add_argument("--partition", default="0/1", help="this client's data share I/N (default 0/1: all)")
+    client.add_argument("--partitioner", default="iid", help="iid or dirichlet:ALPHA (default iid)")
+    client.add_argument("--seed", type=int, default=0, help="partitioning seed; equal on every client")
+    client.add_argument("--run", dest="run_id", default="", help="take part in this run only")
+    client.add_argument("--name", default="", help="label shown to operators (default: the partition)")
+    client.add_argument("--serve-forever", action="store_true", help="keep serving new runs instead of exiting when idle")
+
+    sim = commands.add_parser("sim", help="simulate many clients on this machine")
+    sim.add_argument("--app", required=True)
+    sim.add_argument("--clients", type=int, required=True)
+    sim.add_argument("--rounds", type=int, required=True)
+    sim.add_argument("--clients-per-round", type=int, help="default: all clients every round")
+    sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
+    sim.add_argument("--backend", default="inprocess", choices=["inprocess", "grpc"])
+    sim.add_argument("--strategy", default="fedavg")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")
+    sim.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                     help="client config overrides, e.g. --set lr=0.05")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from leptonfl import commands
+
+    handler = {"server": commands.server, "run": commands.run, "client": commands.client, "sim": commands.sim}[args.command]
+    try:
+        return handler(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

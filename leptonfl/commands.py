@@ -1,0 +1,262 @@
+"""Handlers of the `leptonfl` subcommands; each returns the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from leptonfl.cli import CommandError
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs; values become int, float or bool when they look like one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--set expects KEY=VALUE, got {item!r}")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
+def _server_address(args: argparse.Namespace) -> str:
+    from server.config import default_server
+
+    return args.server or default_server()
+
+
+def _load_app(spec: str):  # type: ignore[no-untyped-def]
+    from simulations.apps import AppError, load_app
+
+    try:
+        return load_app(spec)
+    except AppError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+# server ------------------------------------------------------------------------------------
+def server(args: argparse.Namespace) -> int:
+    from server.config import ServerConfig, load_config
+    from server.store import SchemaError
+
+    if args.server_command == "migrate":
+        from server.store import migrate
+        from server.store.db import open_engine
+
+        config = ServerConfig().with_overrides({"data_dir": args.data_dir, "db": args.db})
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            before, after = migrate(open_engine(config.db_url))
+        except SchemaError as exc:
+            raise CommandError(str(exc)) from exc
+        print(f"schema {before or 'empty'} -> {after}", file=sys.stderr)
+        return 0
+
+    flags = {key: getattr(args, key) for key in (
+        "address", "data_dir", "db", "max_workers", "chunk_bytes", "max_update_bytes",
+        "heartbeat_interval_s", "liveness_timeout_s", "selection_grace_s", "log_level")}
+    try:
+        config = load_config(Path(args.config) if args.config else None, flags)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"bad configuration: {exc}") from exc
+    logging.getLogger().setLevel(config.log_level.upper())
+    from server.daemon import run_daemon
+
+    try:
+        return run_daemon(config)
+    except SchemaError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot start the daemon: {exc}") from exc
+
+
+# run ---------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from server.control_client import ControlClient, ControlError
+
+    try:
+        with ControlClient(_server_address(args)) as control:
+            return _RUN_COMMANDS[args.run_command](control, args)
+    except ControlError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _create(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    app = _load_app(args.app)
+    if args.weights:
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(args.weights)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CommandError(f"cannot read initial weights {args.weights}: {exc}") from exc
+    else:
+        weights = app.initial_weights(args.seed)
+    client_config = {**app.default_config, **parse_settings(args.settings)}
+    run = control.create_run(
+        app=app.name, weights=weights, num_rounds=args.rounds, clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients or args.clients_per_round, round_timeout_s=args.round_timeout,
+        strategy=args.strategy, client_config=client_config, name=args.name,
+    )
+    print(f"created run {run.run_id} ({app.name}, {args.strategy}, {args.rounds} rounds)", file=sys.stderr)
+    print(run.run_id)
+    return 0
+
+
+def _run_dict(run) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    from server.control_client import status_name
+
+    return {
+        "run_id": run.run_id, "name": run.spec.name, "app": run.spec.app, "strategy": run.spec.strategy,
+        "status": status_name(run), "status_reason": run.status_reason,
+        "committed_rounds": run.committed_rounds, "num_rounds": run.spec.num_rounds,
+        "clients_per_round": run.spec.clients_per_round, "min_clients": run.spec.min_clients,
+        "created_at": run.created_at, "updated_at": run.updated_at,
+    }
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _list(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    runs = [_run_dict(r) for r in control.list_runs()]
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    print(f"{'RUN':<14} {'APP':<12} {'STRATEGY':<10} {'STATUS':<10} {'ROUNDS':>7}  CREATED")
+    for r in runs:
+        print(f"{r['run_id']:<14} {r['app']:<12} {r['strategy']:<10} {r['status']:<10} "
+              f"{r['committed_rounds']:>3}/{r['num_rounds']:<3}  {r['created_at'][:19]}")
+    return 0
+
+
+def _show(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    detail = control.get_run(args.run_id)
+    info = _run_dict(detail.run)
+    rounds = [{
+        "round": r.round, "num_clients": r.num_clients, "num_examples": r.num_examples,
+        "train_loss": _nan_to_none(r.train_loss), "eval_loss": _nan_to_none(r.eval_loss),
+        "eval_accuracy": _nan_to_none(r.eval_accuracy), "eval_clients": r.eval_clients,
+        "duration_seconds": r.duration_seconds,
+    } for r in detail.rounds]
+    if args.json:
+        print(json.dumps({**info, "rounds": rounds}, indent=2))
+        return 0
+    print(f"run {info['run_id']}  status {info['status']}"
+          f"{' (' + info['status_reason'] + ')' if info['status_reason'] else ''}")
+    print(f"app {info['app']}, strategy {info['strategy']}, rounds {info['committed_rounds']}/{info['num_rounds']}, "
+          f"{info['clients_per_round']} clients per round (min {info['min_clients']})")
+    if rounds:
+        from simulations.report import RoundRecord, render_round_table
+
+        print(render_round_table([RoundRecord(
+            round=r.round, num_clients=r.num_clients, num_examples=r.num_examples, train_loss=r.train_loss,
+            eval_loss=r.eval_loss, eval_accuracy=r.eval_accuracy, duration_seconds=r.duration_seconds,
+        ) for r in detail.rounds]))
+    return 0
+
+
+def _watch(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from server.control_client import status_name
+
+    for event in control.watch(args.run_id):
+        if event.HasField("round"):
+            r = event.round
+            print(f"round {r.round}: {r.num_clients} clients, train_loss {r.train_loss:.4f}, "
+                  f"accuracy {r.eval_accuracy:.4f}", file=sys.stderr)
+        elif event.open_round:
+            print(f"round {event.open_round}: {event.open_round_updates}/{event.open_round_selected} updates",
+                  file=sys.stderr)
+        status = status_name(event.run)
+    print(status)
+    return 0 if status == "completed" else 1
+
+
+def _cancel(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    control.cancel_run(args.run_id, args.reason)
+    print(f"cancelled {args.run_id}", file=sys.stderr)
+    return 0
+
+
+def _model(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    weights = control.download(args.run_id, args.round)
+    save_file({k: v.contiguous() for k, v in weights.items()}, args.output)
+    print(f"wrote {len(weights)} tensors to {args.output}", file=sys.stderr)
+    return 0
+
+
+_RUN_COMMANDS = {"create": _create, "list": _list, "show": _show, "watch": _watch,
+                 "cancel": _cancel, "model": _model}
+
+
+# client ------------------------------------------------------------------------------------
+def client(args: argparse.Namespace) -> int:
+    from client_sdk import FederatedClient, LeptonError, TorchTrainer
+    from simulations.apps import AppError, loader
+    from simulations.partition import parse_partition_label
+
+    app = _load_app(args.app)
+    try:
+        index, count = parse_partition_label(args.partition)
+        train, test = app.partition(index, count, args.partitioner, args.seed)
+    except (ValueError, AppError) as exc:
+        raise CommandError(str(exc)) from exc
+    batch_size = int(app.default_config.get("batch_size", 32))
+    trainer = TorchTrainer(app.build_model(), loader(train, batch_size, True, args.seed + index),
+                           loader(test, 256, False, 0), optimizer=app.make_optimizer, loss_fn=app.loss_fn)
+    fl_client = FederatedClient(_server_address(args), app.name, trainer, name=args.name or f"partition {args.partition}",
+                                run_id=args.run_id, exit_when_idle=not args.serve_forever)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: fl_client.stop(timeout=0))
+    try:
+        stats = fl_client.run()
+    except LeptonError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"client {fl_client.client_id}: trained {stats.rounds_trained} rounds, "
+          f"evaluated {stats.rounds_evaluated}", file=sys.stderr)
+    return 0
+
+
+# sim ---------------------------------------------------------------------------------------
+def sim(args: argparse.Namespace) -> int:
+    import torch
+
+    from simulations.apps import AppError
+    from simulations.config import SimulationConfig
+    from simulations.report import render_round_table
+    from simulations.runner import run_simulation
+
+    torch.set_num_threads(1)  # many small models: threads cost more than they give
+    config = SimulationConfig(
+        app=args.app, clients=args.clients, rounds=args.rounds, clients_per_round=args.clients_per_round,
+        partition=args.partition, backend=args.backend, seed=args.seed, out=Path(args.out),
+        strategy=args.strategy, client_config=parse_settings(args.settings),
+    )
+    try:
+        result = run_simulation(config)
+    except (ValueError, AppError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(render_round_table(result.records))
+    print(f"final test accuracy {result.final_accuracy:.4f} after {len(result.records)} rounds "
+          f"in {result.seconds:.1f} s")
+    print(f"metrics: {result.metrics_path}\nplot:    {result.plot_path}\nmodel:   {result.model_path}")
+    return 0

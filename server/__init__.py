@@ -1,0 +1,1 @@
+"""The Lepton FL aggregation daemon: config, gRPC servicers, round engine, store, checkpoints."""

@@ -1,0 +1,107 @@
+"""The long-lived daemon: wires store, checkpoints, engine and servicers to a gRPC server.
+
+`run_daemon` runs in the foreground (for systemd and containers) and exits 0 on SIGTERM
+or SIGINT: it stops accepting RPCs, gives in-flight ones a short grace, abandons the open
+round (it restarts after the next start) and closes the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+
+from protos.v1 import control_pb2_grpc, fleet_pb2_grpc
+from server.checkpoints import CheckpointStore
+from server.config import ServerConfig
+from server.engine import EngineConfig, RoundEngine
+from server.servicers.control import ControlServicer
+from server.servicers.fleet import FleetServicer
+from server.store import Store
+
+log = logging.getLogger("leptonfl.daemon")
+
+# Chunks are at most a few MiB; nothing else is large. Bounded so one message can't hog memory.
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+class Daemon:
+    """A running aggregation server; `start()` binds and returns the actual address."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.db_url)
+        engine_config = EngineConfig(
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            liveness_timeout_s=config.liveness_timeout_s,
+            selection_grace_s=config.selection_grace_s,
+            max_round_attempts=config.max_round_attempts,
+            max_update_bytes=config.max_update_bytes,
+        )
+        self.engine = RoundEngine(self.store, CheckpointStore(config.data_dir), engine_config)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Clients may ping every 20 s during long local training without being cut off.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        fleet_pb2_grpc.add_FleetServicer_to_server(FleetServicer(self.engine, config.chunk_bytes), self._server)
+        control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self.engine, config.chunk_bytes), self._server)
+        self.address = ""
+
+    def start(self) -> str:
+        host, _, _ = self.config.address.rpartition(":")
+        port = self._server.add_insecure_port(self.config.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.address}")
+        self.address = f"{host}:{port}"
+        self._server.start()
+        self.engine.start()
+        log.info("leptonfl daemon listening on %s (data dir %s, db %s)", self.address,
+                 self.config.data_dir, _redact(self.config.db_url))
+        return self.address
+
+    def stop(self, grace: float | None = None) -> None:
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        log.info("stopping: no new RPCs, %.0f s grace for in-flight ones", grace)
+        done = self._server.stop(grace)
+        self.engine.stop()
+        done.wait(grace + 1)
+        self.store.close()
+        log.info("stopped")
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a database URL before logging it."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def run_daemon(config: ServerConfig) -> int:
+    """Run in the foreground until SIGTERM/SIGINT; returns the process exit code."""
+    daemon = Daemon(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    stop.wait()
+    daemon.stop()
+    return 0

@@ -1,0 +1,585 @@
+"""The round engine: the daemon's state machine, free of gRPC.
+
+Per run: select online clients → hand out TRAIN tasks → fold uploaded updates into the
+strategy's aggregate as they arrive → close at quorum (every selected client answered)
+or at the deadline → commit checkpoint + round row + strategy state in one transaction
+→ EVALUATE tasks for the new global model on the same clients → next round.
+
+Servicers call the public methods from gRPC worker threads; a ticker thread opens and
+closes rounds. One lock guards the in-memory state; everything that must survive a
+restart is in the `Store` (committed rounds) and the checkpoint files. A round that is
+open when the daemon stops is abandoned and starts afresh after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from protos import PROTOCOL_VERSION
+from protos.codec import (
+    CodecError,
+    ModelAssembler,
+    StreamLimits,
+    check_same_specs,
+    model_header,
+    non_finite_tensors,
+)
+from protos.v1 import fleet_pb2, tensors_pb2
+from server.checkpoints import CheckpointStore
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from server.store import (
+    ClientRecord,
+    Participation,
+    RoundRecord,
+    RunRecord,
+    Store,
+    now,
+    token_digest,
+)
+from strategies import ClientUpdate, RoundAggregate, Strategy, Weights, create_strategy
+
+log = logging.getLogger("leptonfl.engine")
+
+TRAIN, EVALUATE = "train", "evaluate"
+MAX_EXAMPLES = 1 << 40
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Timing and limits of the round engine (all overridable from the daemon's config)."""
+
+    heartbeat_interval_s: float = 5.0
+    liveness_timeout_s: float = 30.0
+    # Once `min_clients` are online, wait this long for `clients_per_round` before starting.
+    selection_grace_s: float = 3.0
+    max_round_attempts: int = 3
+    idle_retry_ms: int = 500
+    max_update_bytes: int = 2 << 30
+    max_metrics: int = 64
+    tick_interval_s: float = 0.2
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(max_total_bytes=self.max_update_bytes)
+
+
+@dataclass(frozen=True)
+class RunSpecInput:
+    """What an operator asks for when creating a run (validated by `RoundEngine.create_run`)."""
+
+    app: str
+    strategy: str = "fedavg"
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    num_rounds: int = 3
+    clients_per_round: int = 2
+    min_clients: int = 2
+    round_timeout_s: float = 300.0
+    client_config: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass
+class Session:
+    record: ClientRecord
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    kind: str
+    run_id: str
+    round: int
+    model_round: int
+    client_id: str
+    config: Mapping[str, Any]
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Idle:
+    retry_after_ms: int
+    active_runs: int
+    run_ended: bool
+
+
+@dataclass
+class OpenRound:
+    number: int
+    attempt: int
+    started: float
+    deadline: float
+    selected: list[str]
+    aggregate: RoundAggregate
+    phase: str = TRAIN
+    tasks: dict[str, Task] = field(default_factory=dict)
+    delivered: dict[str, Participation] = field(default_factory=dict)
+    evaluated: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def pending_clients(self) -> set[str]:
+        done = self.delivered if self.phase == TRAIN else self.evaluated
+        return {t.client_id for t in self.tasks.values() if t.client_id not in done}
+
+
+@dataclass
+class RunState:
+    record: RunRecord
+    strategy: Strategy
+    weights: Weights
+    header: tensors_pb2.ModelHeader
+    open: OpenRound | None = None
+    attempt: int = 1
+    waiting_since: float | None = None
+
+
+class RoundEngine:
+    def __init__(self, store: Store, checkpoints: CheckpointStore, config: EngineConfig = EngineConfig()) -> None:
+        self.store = store
+        self.checkpoints = checkpoints
+        self.config = config
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._version = 0
+        self._sessions: dict[str, Session] = {}
+        self._runs: dict[str, RunState] = {}
+        self._tasks: dict[str, Task] = {}
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._resume_runs()
+
+    # lifecycle --------------------------------------------------------------------------
+    def _resume_runs(self) -> None:
+        for record in self.store.list_runs(statuses=("pending", "running")):
+            if record.committed_rounds >= record.num_rounds:
+                self.store.set_run_status(record.id, "completed")
+                continue
+            checkpoint = self.store.checkpoint(record.id)
+            assert checkpoint is not None, f"run {record.id} has no checkpoint"
+            weights = self.checkpoints.load(checkpoint)
+            strategy = create_strategy(record.strategy, record.strategy_params)
+            strategy.load_state_dict(record.strategy_state)
+            self._runs[record.id] = RunState(record, strategy, weights, model_header(weights))
+            log.info("resuming run %s after round %d of %d", record.id, record.committed_rounds, record.num_rounds)
+
+    def start(self) -> None:
+        self._ticker = threading.Thread(target=self._tick_loop, name="round-engine", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        """Stop the ticker; open rounds are abandoned (they restart after a restart)."""
+        self._stop.set()
+        if self._ticker:
+            self._ticker.join(timeout=5)
+        with self._lock:
+            for state in self._runs.values():
+                if state.open:
+                    log.info("abandoning open round %d of run %s", state.open.number, state.record.id)
+                    self._drop_open_round(state)
+            self._notify()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.config.tick_interval_s):
+            try:
+                self.tick()
+            except Exception:  # a bug in one tick must not kill the daemon's engine
+                log.exception("round engine tick failed")
+
+    def _notify(self) -> None:
+        self._version += 1
+        self._changed.notify_all()
+
+    def wait_for_change(self, version: int, timeout: float) -> int:
+        """Block until the state version moves past `version` (or timeout); return the new one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != version or self._stop.is_set(), timeout)
+            return self._version
+
+    # clients ----------------------------------------------------------------------------
+    def join(self, protocol_version: int, app: str, name: str, run_id: str,
+             client_id: str = "", token: str = "") -> tuple[str, str]:
+        if protocol_version != PROTOCOL_VERSION:
+            raise FailedPrecondition(
+                f"client speaks Lepton FL protocol v{protocol_version}, this server speaks "
+                f"v{PROTOCOL_VERSION}; upgrade the older side"
+            )
+        _check_text("app", app, required=True)
+        _check_text("name", name)
+        _check_text("run_id", run_id, limit=64)
+        with self._lock:
+            if client_id:
+                known = self._sessions.get(client_id)
+                record = known.record if known else self.store.get_client(client_id)
+                if record and record.token_sha256 == token_digest(token):
+                    updated = replace(record, app=app, name=name, run_filter=run_id)
+                    if updated != record:
+                        self.store.save_client(updated)
+                    self._sessions[client_id] = Session(updated, time.monotonic())
+                    return client_id, token
+            client_id, token = f"c-{secrets.token_hex(6)}", secrets.token_urlsafe(24)
+            record = ClientRecord(client_id, name, app, run_id, token_digest(token))
+            self.store.save_client(record)
+            self._sessions[client_id] = Session(record, time.monotonic())
+            log.info("client %s joined (app %s, %s)", client_id, app, name or "unnamed")
+            return client_id, token
+
+    def authenticate(self, client_id: str, token: str) -> str:
+        with self._lock:
+            session = self._sessions.get(client_id)
+            if session is None:
+                record = self.store.get_client(client_id) if client_id else None
+                if record is None:
+                    raise Unauthenticated("unknown client id; call Join first")
+                session = self._sessions[client_id] = Session(record, time.monotonic())
+            if session.record.token_sha256 != token_digest(token):
+                raise Unauthenticated("wrong client token; call Join again")
+            session.last_seen = time.monotonic()
+            return client_id
+
+    def get_task(self, client_id: str) -> Task | Idle:
+        with self._lock:
+            for state in self._runs.values():
+                open_ = state.open
+                if open_ is None:
+                    continue
+                for task in open_.tasks.values():
+                    if task.client_id == client_id and client_id in open_.pending_clients():
+                        return task
+            session = self._sessions[client_id]
+            active = sum(1 for s in self._runs.values() if s.record.app == session.record.app)
+            run_filter = session.record.run_filter
+            ended = bool(run_filter) and run_filter not in self._runs
+            if run_filter and not ended:
+                active = 1
+            return Idle(self.config.idle_retry_ms, 0 if ended else active, ended)
+
+    def task_model(self, client_id: str, task_id: str) -> Mapping[str, torch.Tensor]:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.client_id != client_id:
+                raise NotFound(f"no task {task_id!r} for this client")
+            state = self._runs.get(task.run_id)
+            if state is None:
+                raise FailedPrecondition(f"run {task.run_id} has ended")
+            if task.model_round == state.record.committed_rounds:
+                return state.weights
+        return self.checkpoint_weights(task.run_id, task.model_round)
+
+    def receive_update(self, client_id: str, header: fleet_pb2.UploadHeader,
+                       chunks: Iterable[tensors_pb2.TensorData]) -> None:
+        """Validate and fold one streamed update; any error discards the partial update."""
+        task = self._assigned_task(client_id, header.task_id, header.run_id, header.round, TRAIN)
+        with self._lock:
+            expected = self._runs[task.run_id].header
+        if not 0 < header.num_examples <= MAX_EXAMPLES:
+            raise InvalidArgument(f"num_examples must be in 1..{MAX_EXAMPLES}, got {header.num_examples}")
+        metrics = self._metrics(header.metrics)
+        limits = self.config.stream_limits()
+        if header.model.total_bytes > limits.max_total_bytes:
+            raise ResourceExhausted(
+                f"update of {header.model.total_bytes} bytes exceeds the limit of {limits.max_total_bytes}"
+            )
+        try:
+            check_same_specs(header.model, expected)
+            assembler = ModelAssembler(header.model, limits)
+            for chunk in chunks:
+                assembler.add(chunk)
+            weights = assembler.finish()
+        except CodecError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        bad = non_finite_tensors(weights)
+        if bad:
+            raise InvalidArgument(f"update has NaN or Inf values in {', '.join(bad)}")
+        with self._lock:
+            open_ = self._still_open(task, TRAIN)
+            open_.aggregate.add(ClientUpdate(weights, int(header.num_examples), metrics))
+            open_.delivered[client_id] = Participation(client_id, int(header.num_examples), metrics)
+            log.info("run %s round %d: update %d/%d from %s (%d examples)", task.run_id, task.round,
+                     len(open_.delivered), len(open_.tasks), client_id, header.num_examples)
+            self._notify()
+
+    def report_evaluation(self, client_id: str, report: fleet_pb2.EvaluationReport) -> None:
+        task = self._assigned_task(client_id, report.task_id, report.run_id, report.round, EVALUATE)
+        if not 0 < report.num_examples <= MAX_EXAMPLES or not math.isfinite(report.loss):
+            raise InvalidArgument("evaluation needs num_examples > 0 and a finite loss")
+        metrics = self._metrics(report.metrics)
+        accuracy = metrics.get("accuracy")
+        if accuracy is not None and not (isinstance(accuracy, float | int) and 0 <= accuracy <= 1):
+            raise InvalidArgument(f"accuracy must be a number in [0, 1], got {accuracy!r}")
+        with self._lock:
+            open_ = self._still_open(task, EVALUATE)
+            open_.evaluated[client_id] = (int(report.num_examples), report.loss,
+                                          None if accuracy is None else float(accuracy))
+            self._notify()
+
+    def _assigned_task(self, client_id: str, task_id: str, run_id: str, number: int, kind: str) -> Task:
+        with self._lock:
+            if self.store.get_run(run_id) is None:
+                raise NotFound(f"unknown run {run_id!r}")
+            task = self._tasks.get(task_id)
+            if task is None or task.client_id != client_id or task.run_id != run_id or task.round != number:
+                raise PermissionDenied(f"this client was not assigned run {run_id} round {number}")
+            if task.kind != kind:
+                raise FailedPrecondition(f"task {task_id} is a {task.kind} task, not {kind}")
+            self._still_open(task, kind)
+            return task
+
+    def _still_open(self, task: Task, kind: str) -> OpenRound:
+        state = self._runs.get(task.run_id)
+        open_ = state.open if state else None
+        if open_ is None or open_.number != task.round or task.task_id not in open_.tasks or open_.phase != kind:
+            raise FailedPrecondition(f"run {task.run_id} round {task.round} is closed for {kind} results")
+        if task.client_id in (open_.delivered if kind == TRAIN else open_.evaluated):
+            raise AlreadyExists(f"{kind} result for run {task.run_id} round {task.round} already accepted")
+        return open_
+
+    def _metrics(self, raw: Mapping[str, fleet_pb2.Scalar]) -> dict[str, Any]:
+        if len(raw) > self.config.max_metrics:
+            raise InvalidArgument(f"{len(raw)} metrics exceed the limit of {self.config.max_metrics}")
+        out: dict[str, Any] = {}
+        for key, scalar in raw.items():
+            _check_text("metric name", key, required=True)
+            kind = scalar.WhichOneof("value")
+            if kind is None:
+                raise InvalidArgument(f"metric {key!r} has no value")
+            value = getattr(scalar, kind)
+            if kind == "double_value" and not math.isfinite(value):
+                raise InvalidArgument(f"metric {key!r} is not finite")
+            if kind == "string_value":
+                _check_text(f"metric {key!r}", value)
+            out[key] = value
+        return out
+
+    # runs -------------------------------------------------------------------------------
+    def create_run(self, spec: RunSpecInput, weights: Mapping[str, torch.Tensor]) -> RunRecord:
+        _check_text("app", spec.app, required=True)
+        _check_text("name", spec.name)
+        if spec.num_rounds < 1:
+            raise InvalidArgument("rounds must be at least 1")
+        if spec.clients_per_round < 1:
+            raise InvalidArgument("clients per round must be at least 1")
+        if not 1 <= spec.min_clients <= spec.clients_per_round:
+            raise InvalidArgument(
+                f"min clients must be between 1 and clients per round ({spec.clients_per_round}), got {spec.min_clients}"
+            )
+        if not (spec.round_timeout_s > 0 and math.isfinite(spec.round_timeout_s)):
+            raise InvalidArgument("round timeout must be a positive number of seconds")
+        try:
+            strategy = create_strategy(spec.strategy, spec.strategy_params)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(str(exc)) from exc
+        if not weights:
+            raise InvalidArgument("the initial model has no tensors")
+        bad = non_finite_tensors(weights)
+        if bad:
+            raise InvalidArgument(f"initial model has NaN or Inf values in {', '.join(bad)}")
+        run_id = f"run-{secrets.token_hex(4)}"
+        stamp = now()
+        record = RunRecord(
+            id=run_id, name=spec.name, app=spec.app, strategy=spec.strategy,
+            strategy_params=dict(spec.strategy_params), client_config=dict(spec.client_config),
+            num_rounds=spec.num_rounds, clients_per_round=spec.clients_per_round,
+            min_clients=spec.min_clients, round_timeout_s=spec.round_timeout_s,
+            status="running", status_reason="", committed_rounds=0,
+            strategy_state=strategy.state_dict(), created_at=stamp, updated_at=stamp,
+        )
+        weights = dict(weights)
+        checkpoint = self.checkpoints.save(run_id, 0, weights)
+        with self._lock:
+            self.store.create_run(record, checkpoint)
+            self._runs[run_id] = RunState(record, strategy, weights, model_header(weights))
+            self._notify()
+        log.info("created run %s: app %s, %s, %d rounds, %d clients per round", run_id, spec.app,
+                 spec.strategy, spec.num_rounds, spec.clients_per_round)
+        return record
+
+    def get_run(self, run_id: str) -> RunRecord:
+        record = self.store.get_run(run_id)
+        if record is None:
+            raise NotFound(f"unknown run {run_id!r}")
+        return record
+
+    def list_runs(self) -> list[RunRecord]:
+        return self.store.list_runs()
+
+    def rounds(self, run_id: str) -> list[RoundRecord]:
+        self.get_run(run_id)
+        return self.store.rounds(run_id)
+
+    def progress(self, run_id: str) -> tuple[int, int, int]:
+        """(open round number, updates received, clients selected); zeros when none is open."""
+        with self._lock:
+            state = self._runs.get(run_id)
+            if state is None or state.open is None:
+                return 0, 0, 0
+            return state.open.number, len(state.open.delivered), len(state.open.selected)
+
+    def cancel_run(self, run_id: str, reason: str) -> RunRecord:
+        _check_text("reason", reason)
+        with self._lock:
+            record = self.get_run(run_id)
+            if not record.active:
+                raise FailedPrecondition(f"run {run_id} is already {record.status}")
+            self._end_run(run_id, "cancelled", reason or "cancelled by the operator")
+        return self.get_run(run_id)
+
+    def checkpoint_weights(self, run_id: str, number: int | None) -> dict[str, torch.Tensor]:
+        self.get_run(run_id)
+        checkpoint = self.store.checkpoint(run_id, number)
+        if checkpoint is None:
+            raise NotFound(f"run {run_id} has no committed checkpoint for round {number}")
+        return self.checkpoints.load(checkpoint)
+
+    def _end_run(self, run_id: str, status: str, reason: str = "") -> None:
+        state = self._runs.pop(run_id, None)
+        if state and state.open:
+            self._drop_open_round(state)
+        self.store.set_run_status(run_id, status, reason)
+        log.info("run %s %s%s", run_id, status, f": {reason}" if reason else "")
+        self._notify()
+
+    def _drop_open_round(self, state: RunState) -> None:
+        assert state.open is not None
+        for task_id in state.open.tasks:
+            self._tasks.pop(task_id, None)
+        state.open = None
+
+    # rounds -----------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Open rounds that can start, close those at quorum or past their deadline."""
+        clock = time.monotonic()
+        with self._lock:
+            for state in list(self._runs.values()):
+                if state.open is None:
+                    self._maybe_open_round(state, clock)
+                elif not state.open.pending_clients() or clock >= state.open.deadline:
+                    self._close_phase(state, clock)
+
+    def _online_clients(self, app: str, run_id: str, clock: float) -> list[str]:
+        busy = {t.client_id for s in self._runs.values() if s.open for t in s.open.tasks.values()}
+        return sorted(
+            cid for cid, s in self._sessions.items()
+            if clock - s.last_seen <= self.config.liveness_timeout_s
+            and s.record.app == app and s.record.run_filter in ("", run_id) and cid not in busy
+        )
+
+    def _maybe_open_round(self, state: RunState, clock: float) -> None:
+        run = state.record
+        eligible = self._online_clients(run.app, run.id, clock)
+        if len(eligible) < run.min_clients:
+            state.waiting_since = None
+            return
+        if state.waiting_since is None:
+            state.waiting_since = clock
+        if len(eligible) < run.clients_per_round and clock - state.waiting_since < self.config.selection_grace_s:
+            return
+        number = run.committed_rounds + 1
+        rng = random.Random(f"{run.id}/{number}/{state.attempt}")
+        selected = rng.sample(eligible, min(run.clients_per_round, len(eligible)))
+        open_ = OpenRound(number, state.attempt, clock, clock + run.round_timeout_s, selected,
+                          state.strategy.begin_round(number, state.weights))
+        config = {**run.client_config, **state.strategy.configure_round(number)}
+        self._hand_out(state, open_, TRAIN, selected, config)
+        state.open, state.waiting_since = open_, None
+        log.info("run %s round %d/%d: selected %d clients (attempt %d)", run.id, number,
+                 run.num_rounds, len(selected), state.attempt)
+        self._notify()
+
+    def _hand_out(self, state: RunState, open_: OpenRound, kind: str, clients: Iterable[str],
+                  config: Mapping[str, Any]) -> None:
+        for task_id in open_.tasks:
+            self._tasks.pop(task_id, None)
+        open_.tasks = {}
+        for client_id in clients:
+            task = Task(secrets.token_hex(8), kind, state.record.id, open_.number,
+                        state.record.committed_rounds, client_id, dict(config), open_.deadline)
+            open_.tasks[task.task_id] = task
+            self._tasks[task.task_id] = task
+
+    def _close_phase(self, state: RunState, clock: float) -> None:
+        open_, run = state.open, state.record
+        assert open_ is not None
+        if open_.phase == TRAIN:
+            if len(open_.delivered) >= run.min_clients:
+                self._commit_round(state, clock)
+                return
+            reason = (f"round {open_.number}: {len(open_.delivered)} of {len(open_.selected)} updates by the "
+                      f"{run.round_timeout_s:g} s deadline, {run.min_clients} needed")
+            self._drop_open_round(state)
+            if state.attempt >= self.config.max_round_attempts:
+                self._end_run(run.id, "failed", f"{reason}; gave up after {state.attempt} attempts")
+            else:
+                log.warning("run %s %s; retrying with fresh clients", run.id, reason)
+                state.attempt += 1
+                self._notify()
+            return
+        self._finish_evaluation(state)
+
+    def _commit_round(self, state: RunState, clock: float) -> None:
+        open_, run = state.open, state.record
+        assert open_ is not None
+        weights = open_.aggregate.result()
+        metrics = open_.aggregate.metrics()
+        checkpoint = self.checkpoints.save(run.id, open_.number, weights)
+        round_ = RoundRecord(
+            run_id=run.id, number=open_.number, num_clients=open_.aggregate.num_updates,
+            num_examples=open_.aggregate.num_examples, train_loss=metrics.get("train_loss"),
+            eval_loss=None, eval_accuracy=None, eval_clients=0, duration_s=clock - open_.started,
+            metrics=metrics,
+        )
+        self.store.commit_round(round_, checkpoint, list(open_.delivered.values()), state.strategy.state_dict())
+        state.record = replace(run, committed_rounds=open_.number, strategy_state=state.strategy.state_dict())
+        state.weights, state.header, state.attempt = weights, model_header(weights), 1
+        log.info("run %s round %d/%d committed: %d updates, %d examples, train_loss %s",
+                 run.id, open_.number, run.num_rounds, round_.num_clients, round_.num_examples,
+                 _fmt(round_.train_loss))
+        open_.phase, open_.train_seconds = EVALUATE, clock - open_.started
+        open_.deadline = clock + run.round_timeout_s
+        self._hand_out(state, open_, EVALUATE, open_.delivered, run.client_config)
+        self._notify()
+
+    def _finish_evaluation(self, state: RunState) -> None:
+        open_, run = state.open, state.record
+        assert open_ is not None
+        results = list(open_.evaluated.values())
+        examples = sum(n for n, _, _ in results)
+        loss = sum(n * lo for n, lo, _ in results) / examples if examples else None
+        with_acc = [(n, a) for n, _, a in results if a is not None]
+        acc_examples = sum(n for n, _ in with_acc)
+        accuracy = sum(n * a for n, a in with_acc) / acc_examples if acc_examples else None
+        self.store.set_round_evaluation(run.id, open_.number, loss, accuracy, len(results))
+        log.info("run %s round %d evaluated by %d clients: loss %s, accuracy %s", run.id,
+                 open_.number, len(results), _fmt(loss), _fmt(accuracy))
+        self._drop_open_round(state)
+        if open_.number >= run.num_rounds:
+            self._end_run(run.id, "completed")
+        else:
+            self._notify()
+
+
+def _check_text(what: str, value: str, required: bool = False, limit: int = 200) -> None:
+    if required and not value:
+        raise InvalidArgument(f"{what} is required")
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} is longer than {limit} characters")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

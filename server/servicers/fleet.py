@@ -1,0 +1,92 @@
+"""Fleet service: converts client RPCs into `RoundEngine` calls; no logic of its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from protos import PROTOCOL_VERSION
+from protos.codec import iter_tensor_data, model_header
+from protos.scalars import fill_scalar_map
+from protos.v1 import fleet_pb2 as pb
+from protos.v1 import fleet_pb2_grpc, tensors_pb2
+from server.engine import EVALUATE, Idle, RoundEngine
+from server.errors import InvalidArgument
+from server.servicers.status import streaming, unary
+
+CLIENT_ID_KEY = "x-leptonfl-client-id"
+TOKEN_KEY = "x-leptonfl-token"
+MIN_CHUNK, MAX_CHUNK = 64 << 10, 4 << 20
+
+
+def caller(engine: RoundEngine, context: grpc.ServicerContext) -> str:
+    metadata = dict(context.invocation_metadata())
+    return engine.authenticate(str(metadata.get(CLIENT_ID_KEY, "")), str(metadata.get(TOKEN_KEY, "")))
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    def __init__(self, engine: RoundEngine, chunk_bytes: int) -> None:
+        self.engine = engine
+        self.chunk_bytes = chunk_bytes
+
+    @unary
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        client_id, token = self.engine.join(request.protocol_version, request.app, request.name,
+                                            request.run_id, request.client_id, request.token)
+        return pb.JoinResponse(
+            client_id=client_id, token=token, server_protocol_version=PROTOCOL_VERSION,
+            heartbeat_interval_ms=int(self.engine.config.heartbeat_interval_s * 1000),
+        )
+
+    @unary
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        caller(self.engine, context)
+        return pb.HeartbeatResponse()
+
+    @unary
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
+        answer = self.engine.get_task(caller(self.engine, context))
+        if isinstance(answer, Idle):
+            return pb.GetTaskResponse(idle=pb.Idle(retry_after_ms=answer.retry_after_ms,
+                                                   active_runs=answer.active_runs, run_ended=answer.run_ended))
+        task = pb.Task(
+            task_id=answer.task_id, type=pb.EVALUATE if answer.kind == EVALUATE else pb.TRAIN,
+            run_id=answer.run_id, round=answer.round, model_round=answer.model_round,
+            deadline_seconds=max(0.0, answer.deadline - time.monotonic()),
+        )
+        fill_scalar_map(task.config, answer.config)
+        return pb.GetTaskResponse(task=task)
+
+    @streaming
+    def DownloadModel(self, request: pb.DownloadModelRequest,
+                      context: grpc.ServicerContext) -> Iterator[tensors_pb2.ModelChunk]:
+        weights = self.engine.task_model(caller(self.engine, context), request.task_id)
+        chunk = min(max(request.chunk_bytes or self.chunk_bytes, MIN_CHUNK), MAX_CHUNK)
+        yield tensors_pb2.ModelChunk(header=model_header(weights))
+        for data in iter_tensor_data(weights, chunk):
+            yield tensors_pb2.ModelChunk(data=data)
+
+    @unary
+    def UploadUpdate(self, request_iterator: Iterator[pb.UploadChunk],
+                     context: grpc.ServicerContext) -> pb.UploadResponse:
+        client_id = caller(self.engine, context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("an upload must start with an UploadHeader")
+        self.engine.receive_update(client_id, first.header, _data_only(request_iterator))
+        return pb.UploadResponse(accepted=True)
+
+    @unary
+    def ReportEvaluation(self, request: pb.EvaluationReport,
+                         context: grpc.ServicerContext) -> pb.EvaluationResponse:
+        self.engine.report_evaluation(caller(self.engine, context), request)
+        return pb.EvaluationResponse(accepted=True)
+
+
+def _data_only(messages: Iterator[pb.UploadChunk]) -> Iterator[tensors_pb2.TensorData]:
+    for message in messages:
+        if not message.HasField("data"):
+            raise InvalidArgument("only TensorData may follow the UploadHeader")
+        yield message.data

@@ -1,0 +1,87 @@
+"""SQLAlchemy tables of the daemon's state. Schema changes go through Alembic migrations
+(`server/migrations/versions`); `tests/unit/test_migrations.py` checks they agree."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    app: Mapped[str] = mapped_column(String(200), index=True)
+    strategy: Mapped[str] = mapped_column(String(64))
+    strategy_params: Mapped[dict[str, Any]]
+    client_config: Mapped[dict[str, Any]]
+    num_rounds: Mapped[int] = mapped_column(Integer)
+    clients_per_round: Mapped[int] = mapped_column(Integer)
+    min_clients: Mapped[int] = mapped_column(Integer)
+    round_timeout_s: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    status_reason: Mapped[str] = mapped_column(String(2000), default="")
+    committed_rounds: Mapped[int] = mapped_column(Integer, default=0)
+    strategy_state: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    num_clients: Mapped[int] = mapped_column(Integer)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_clients: Mapped[int] = mapped_column(Integer, default=0)
+    duration_s: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]]
+    committed_at: Mapped[datetime]
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+
+
+class ClientRow(Base):
+    __tablename__ = "clients"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    app: Mapped[str] = mapped_column(String(200))
+    run_filter: Mapped[str] = mapped_column(String(64), default="")
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    joined_at: Mapped[datetime]
+
+
+class ParticipationRow(Base):
+    """Which clients delivered what in a committed round (written with the round)."""
+
+    __tablename__ = "participations"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]

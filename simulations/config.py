@@ -1,0 +1,38 @@
+"""What a simulation is asked to do; shared by every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("inprocess", "grpc")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    app: str
+    clients: int
+    rounds: int
+    clients_per_round: int | None = None  # None: every client, every round
+    partition: str = "iid"
+    backend: str = "inprocess"
+    seed: int = 0
+    out: Path = Path("sim-out")
+    strategy: str = "fedavg"
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    client_config: Mapping[str, Any] = field(default_factory=dict)  # overrides the app's defaults
+    round_timeout_s: float = 300.0
+
+    @property
+    def per_round(self) -> int:
+        return self.clients_per_round or self.clients
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.clients < 1 or self.rounds < 1:
+            raise ValueError("clients and rounds must be at least 1")
+        if not 1 <= self.per_round <= self.clients:
+            raise ValueError(f"clients per round must be between 1 and {self.clients}, got {self.per_round}")

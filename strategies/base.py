@@ -1,0 +1,96 @@
+"""The `Strategy` interface every aggregation algorithm implements.
+
+A strategy is pure math on tensors and plain data: it never learns whether its updates
+came from the daemon (gRPC), an in-process simulation or any other backend. One round:
+
+1. `configure_round(r)` returns the extra config sent to each selected client (e.g. a
+   FedProx μ); the server or simulator merges it into the run's client config.
+2. `begin_round(r, global_weights)` returns a `RoundAggregate` for that round.
+3. Each validated client update is folded in with `RoundAggregate.add` as it arrives.
+   FedAvg-family aggregates keep a running weighted sum, so memory is O(model), not
+   O(clients × model). Strategies that need every update at once (median, Krum) set
+   `needs_all_updates = True` so hosts can plan memory (spill to disk) accordingly.
+4. `RoundAggregate.result()` gives the new global weights.
+5. `state_dict()` / `load_state_dict()` carry whatever the strategy must remember across
+   rounds (e.g. server momentum); the server persists it with every committed round so
+   a restart resumes the strategy exactly. Values are JSON scalars/lists or tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+Weights = dict[str, torch.Tensor]
+Scalar = bool | int | float | str
+StrategyState = dict[str, object]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's locally trained model, the number of examples it trained on, and its metrics."""
+
+    weights: Mapping[str, torch.Tensor]
+    num_examples: int
+    metrics: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+class RoundAggregate(ABC):
+    """Folds the updates of one round together; tracks counts and weighted metric means."""
+
+    def __init__(self) -> None:
+        self.num_updates = 0
+        self.num_examples = 0
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, int] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        if update.num_examples <= 0:
+            raise ValueError(f"an update must cover at least one example, got {update.num_examples}")
+        self._fold(update)
+        self.num_updates += 1
+        self.num_examples += update.num_examples
+        for key, value in update.metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value * update.num_examples
+                self._metric_weights[key] = self._metric_weights.get(key, 0) + update.num_examples
+
+    def metrics(self) -> dict[str, float]:
+        """Example-weighted mean of every numeric client metric (e.g. train_loss)."""
+        return {k: self._metric_sums[k] / self._metric_weights[k] for k in self._metric_sums}
+
+    @abstractmethod
+    def _fold(self, update: ClientUpdate) -> None:
+        """Fold one update's weights into the running state."""
+
+    @abstractmethod
+    def result(self) -> Weights:
+        """The aggregated global weights; raises if no update arrived."""
+
+
+class Strategy(ABC):
+    """Base class of aggregation strategies; see the module docstring for the lifecycle."""
+
+    name: ClassVar[str]
+    needs_all_updates: ClassVar[bool] = False
+
+    def configure_round(self, server_round: int) -> dict[str, Scalar]:
+        """Extra config for the clients of `server_round` (none by default)."""
+        return {}
+
+    @abstractmethod
+    def begin_round(self, server_round: int, global_weights: Mapping[str, torch.Tensor]) -> RoundAggregate:
+        """Start collecting round `server_round`, whose clients start from `global_weights`."""
+
+    def state_dict(self) -> StrategyState:
+        """State to persist after every committed round (stateless strategies: empty)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore what `state_dict` returned; stateless strategies accept only empty state."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)}")

@@ -1,0 +1,58 @@
+"""FedAvg (McMahan et al. 2017): the new global model is the example-weighted mean of
+the client models, w ← Σ_k n_k w_k / Σ_k n_k.
+
+Kept as a running weighted sum in float64, so memory is one model-sized buffer whatever
+the number of clients, and summation error stays far below float32 resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from strategies.base import ClientUpdate, RoundAggregate, Strategy, Weights
+from strategies.registry import register_strategy
+
+
+class WeightedMean(RoundAggregate):
+    """Running Σ n_k w_k and Σ n_k over the updates of one round."""
+
+    def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._dtypes = {name: t.dtype for name, t in template.items()}
+        self._shapes = {name: t.shape for name, t in template.items()}
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def _fold(self, update: ClientUpdate) -> None:
+        # Checked in full before anything is added, so a bad update leaves the sum untouched.
+        if update.weights.keys() != self._shapes.keys():
+            raise ValueError("update tensors differ from the global model's")
+        wrong = [n for n, t in update.weights.items() if t.shape != self._shapes[n]]
+        if wrong:
+            raise ValueError(f"update tensors {wrong} differ in shape from the global model's")
+        for name, tensor in update.weights.items():
+            contribution = tensor.detach().to(torch.float64) * update.num_examples
+            if name in self._sums:
+                self._sums[name].add_(contribution)
+            else:
+                self._sums[name] = contribution
+
+    def result(self) -> Weights:
+        if self.num_updates == 0:
+            raise ValueError("no update to aggregate")
+        out: Weights = {}
+        for name, total in self._sums.items():
+            mean = total / self.num_examples
+            dtype = self._dtypes[name]
+            # Integer buffers (e.g. BatchNorm's num_batches_tracked) round to the nearest value.
+            out[name] = (mean if dtype.is_floating_point else mean.round()).to(dtype)
+        return out
+
+
+@register_strategy("fedavg")
+class FedAvg(Strategy):
+    """Federated Averaging weighted by each client's example count. No parameters, no state."""
+
+    def begin_round(self, server_round: int, global_weights: Mapping[str, torch.Tensor]) -> WeightedMean:
+        return WeightedMean(global_weights)

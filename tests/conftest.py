@@ -1,0 +1,36 @@
+"""Shared fixtures: a real daemon on a free loopback port with a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.config import ServerConfig
+from server.daemon import Daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS_APP = str(ROOT / "examples" / "digits")
+
+
+def start_daemon(data_dir: Path, **overrides: object) -> Daemon:
+    settings: dict[str, object] = {"address": "127.0.0.1:0", "data_dir": data_dir, "selection_grace_s": 0.5,
+                                   "shutdown_grace_s": 1.0, **overrides}
+    daemon = Daemon(ServerConfig().with_overrides(settings))
+    daemon.start()
+    return daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path / "data")
+    yield d
+    d.stop(grace=0.5)
+
+
+def tiny_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A 2-tensor model small enough to hand-check aggregation over the wire."""
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(3, 2, generator=g), "b": torch.zeros(3)}
