@@ -25,9 +25,7 @@ Labels = torch.Tensor | npt.NDArray[np.integer]
 class Partitioner(Protocol):
     """Splits dataset indices into ``num_partitions`` disjoint, covering parts."""
 
-    def split(
-        self, labels: Labels, num_partitions: int, seed: int
-    ) -> list[npt.NDArray[np.int64]]:
+    def split(self, labels: Labels, num_partitions: int, seed: int) -> list[npt.NDArray[np.int64]]:
         """Return one sorted int64 index array per partition; each index exactly once."""
         ...
 
@@ -58,9 +56,7 @@ def _check_num_partitions(num_partitions: int, num_examples: int) -> None:
 class IidPartitioner:
     """Uniformly random, near-equal-size partitions: the no-heterogeneity baseline."""
 
-    def split(
-        self, labels: Labels, num_partitions: int, seed: int
-    ) -> list[npt.NDArray[np.int64]]:
+    def split(self, labels: Labels, num_partitions: int, seed: int) -> list[npt.NDArray[np.int64]]:
         array = _as_label_array(labels)
         _check_num_partitions(num_partitions, array.size)
         rng = np.random.default_rng(seed)
@@ -93,9 +89,7 @@ class DirichletPartitioner:
         if self.max_tries < 1:
             raise ValueError(f"max_tries must be >= 1, got {self.max_tries}")
 
-    def split(
-        self, labels: Labels, num_partitions: int, seed: int
-    ) -> list[npt.NDArray[np.int64]]:
+    def split(self, labels: Labels, num_partitions: int, seed: int) -> list[npt.NDArray[np.int64]]:
         array = _as_label_array(labels)
         _check_num_partitions(num_partitions, array.size)
         if self.min_size * num_partitions > array.size:
@@ -155,5 +149,7 @@ def parse_partition_label(text: str) -> tuple[int, int]:
             f"bad partition {text!r}; expected 'i/N' with integers 0 <= i < N, e.g. '2/4'"
         ) from None
     if total < 1 or not 0 <= index < total:
-        raise ValueError(f"bad partition {text!r}; need N >= 1 and 0 <= i < N, got i={index}, N={total}")
+        raise ValueError(
+            f"bad partition {text!r}; need N >= 1 and 0 <= i < N, got i={index}, N={total}"
+        )
     return index, total

@@ -147,7 +147,7 @@ def render_round_table(records: Sequence[RoundRecord]) -> str:
         )
         for r in records
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(_TABLE_HEADERS)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(_TABLE_HEADERS)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(_TABLE_HEADERS, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines.extend("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)

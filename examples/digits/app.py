@@ -17,9 +17,10 @@ from torch.utils.data import TensorDataset
 
 NAME = "digits"
 
-# lr 0.1 with 1 local epoch: IID 20 clients, 10 rounds of FedAvg reach ~0.95 test
-# accuracy (seed 0); see README.md for the measured curve.
-DEFAULT_CLIENT_CONFIG: dict[str, float | int] = {"local_epochs": 1, "batch_size": 10, "lr": 0.1}
+# Tuned so FedAvg over 20 IID clients passes 0.90 test accuracy by round 3-5 and ends
+# round 10 at ~0.94-0.95 (seeds 0-4). One local epoch is only ~7 SGD steps per client
+# here and stalls near 0.89 at round 10 whatever the lr, hence 3 epochs. Curves: README.md.
+DEFAULT_CLIENT_CONFIG: dict[str, float | int] = {"local_epochs": 3, "batch_size": 10, "lr": 0.3}
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10

@@ -50,7 +50,11 @@ def unary(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or not context.is_active():
+            if not context.is_active():
+                # The caller hung up (e.g. a client vanished mid-upload): whatever it sent is dropped.
+                log.info("%s abandoned: the caller went away (%s)", method.__name__, exc)
+                return None
+            if isinstance(exc, grpc.RpcError):
                 raise
             _abort_on_error(context, method.__name__, exc)
 
