@@ -26,8 +26,7 @@ test-fast: $(STAMP)
 # The main job on embedded defaults: the real daemon on loopback (SQLite), 20 real SDK
 # clients over gRPC, FedAvg on the digits app; prints the round table and the plot path.
 demo: $(STAMP)
-	$(BIN)/leptonfl sim --app examples/digits --backend grpc --clients 20 --rounds 10 \
-		--set local_epochs=3 --seed 0 --out demo-out
+	$(BIN)/leptonfl sim --app examples/digits --backend grpc --clients 20 --rounds 10 --seed 0 --out demo-out
 
 proto: $(STAMP)
 	$(BIN)/python -m protos.generate
