@@ -68,6 +68,11 @@ class FleetTransport:
         self._rng = random.Random()
         self._channel = grpc.insecure_channel(server, options=[
             ("grpc.max_receive_message_length", 16 << 20),
+            # gRPC keeps its own reconnect schedule (1 s growing to 120 s) under ours; without
+            # these, a retry during its wait fails at once and `Backoff` would mean nothing.
+            ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--seed", type=int, default=0, help="partitioning seed; equal on every client")
     client.add_argument("--run", dest="run_id", default="", help="take part in this run only")
     client.add_argument("--name", default="", help="label shown to operators (default: the partition)")
+    client.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for local training (default 1: fastest for small models and "
+                             "several clients per host; raise it for a large model on a dedicated device)")
     client.add_argument("--serve-forever", action="store_true", help="keep serving new runs instead of exiting when idle")
 
     sim = commands.add_parser("sim", help="simulate many clients on this machine")

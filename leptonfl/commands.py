@@ -213,6 +213,9 @@ def client(args: argparse.Namespace) -> int:
     from simulations.apps import AppError, loader
     from simulations.partition import parse_partition_label
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     app = _load_app(args.app)
     try:
         index, count = parse_partition_label(args.partition)

@@ -71,7 +71,7 @@ class EngineConfig:
     # Once `min_clients` are online, wait this long for `clients_per_round` before starting.
     selection_grace_s: float = 3.0
     max_round_attempts: int = 3
-    idle_retry_ms: int = 500
+    idle_retry_ms: int = 250
     max_update_bytes: int = 2 << 30
     max_metrics: int = 64
     tick_interval_s: float = 0.2
@@ -162,6 +162,7 @@ class RoundEngine:
         self._runs: dict[str, RunState] = {}
         self._tasks: dict[str, Task] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set on every state change: a full quorum closes at once
         self._ticker: threading.Thread | None = None
         self._resume_runs()
 
@@ -186,6 +187,7 @@ class RoundEngine:
     def stop(self) -> None:
         """Stop the ticker; open rounds are abandoned (they restart after a restart)."""
         self._stop.set()
+        self._wake.set()
         if self._ticker:
             self._ticker.join(timeout=5)
         with self._lock:
@@ -196,7 +198,9 @@ class RoundEngine:
             self._notify()
 
     def _tick_loop(self) -> None:
-        while not self._stop.wait(self.config.tick_interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.config.tick_interval_s)
+            self._wake.clear()
             try:
                 self.tick()
             except Exception:  # a bug in one tick must not kill the daemon's engine
@@ -205,6 +209,7 @@ class RoundEngine:
     def _notify(self) -> None:
         self._version += 1
         self._changed.notify_all()
+        self._wake.set()
 
     def wait_for_change(self, version: int, timeout: float) -> int:
         """Block until the state version moves past `version` (or timeout); return the new one."""
@@ -223,6 +228,8 @@ class RoundEngine:
         _check_text("app", app, required=True)
         _check_text("name", name)
         _check_text("run_id", run_id, limit=64)
+        if run_id and self.store.get_run(run_id) is None:
+            raise NotFound(f"unknown run {run_id!r}")
         with self._lock:
             if client_id:
                 known = self._sessions.get(client_id)

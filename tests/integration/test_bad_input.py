@@ -101,7 +101,7 @@ def test_each_bad_upload_gets_its_status_and_the_round_still_commits_exactly(rou
     assert torch.equal(final["b"], torch.full((3,), -0.25))
 
 
-def test_protocol_mismatch_names_both_versions(daemon):
+def test_join_refuses_other_protocols_and_unknown_runs(daemon):
     channel = grpc.insecure_channel(daemon.address)
     stub = fleet_pb2_grpc.FleetStub(channel)
     code, details = status_of(lambda: stub.Join(pb.JoinRequest(protocol_version=2, app="tiny"), timeout=5))
@@ -109,6 +109,9 @@ def test_protocol_mismatch_names_both_versions(daemon):
     assert "v2" in details and "v1" in details
     code, _ = status_of(lambda: stub.GetTask(pb.GetTaskRequest(), timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, details = status_of(lambda: stub.Join(pb.JoinRequest(protocol_version=1, app="tiny", run_id="run-nope"),
+                                                timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and "run-nope" in details
     channel.close()
 
 
