@@ -129,7 +129,8 @@ class OpenRound:
     selected: list[str]
     aggregate: RoundAggregate
     phase: str = TRAIN
-    tasks: dict[str, Task] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)  # of the current phase
+    task_ids: set[str] = field(default_factory=set)  # of both phases, so late results are recognised
     delivered: dict[str, Participation] = field(default_factory=dict)
     evaluated: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
     train_seconds: float = 0.0
@@ -146,6 +147,8 @@ class RunState:
     weights: Weights
     header: tensors_pb2.ModelHeader
     open: OpenRound | None = None
+    # Task ids of the previous round stay known, so a straggler hears "round closed", not "not assigned".
+    retired_task_ids: set[str] = field(default_factory=set)
     attempt: int = 1
     waiting_since: float | None = None
 
@@ -351,11 +354,12 @@ class RoundEngine:
     def _still_open(self, task: Task, kind: str) -> OpenRound:
         state = self._runs.get(task.run_id)
         open_ = state.open if state else None
-        if open_ is None or open_.number != task.round or task.task_id not in open_.tasks or open_.phase != kind:
-            raise FailedPrecondition(f"run {task.run_id} round {task.round} is closed for {kind} results")
-        if task.client_id in (open_.delivered if kind == TRAIN else open_.evaluated):
-            raise AlreadyExists(f"{kind} result for run {task.run_id} round {task.round} already accepted")
-        return open_
+        if open_ is not None and open_.number == task.round:
+            if task.client_id in (open_.delivered if kind == TRAIN else open_.evaluated):
+                raise AlreadyExists(f"{kind} result for run {task.run_id} round {task.round} already accepted")
+            if open_.phase == kind and task.task_id in open_.tasks:
+                return open_
+        raise FailedPrecondition(f"run {task.run_id} round {task.round} is closed for {kind} results")
 
     def _metrics(self, raw: Mapping[str, fleet_pb2.Scalar]) -> dict[str, Any]:
         if len(raw) > self.config.max_metrics:
@@ -458,15 +462,17 @@ class RoundEngine:
         state = self._runs.pop(run_id, None)
         if state and state.open:
             self._drop_open_round(state)
+        for task_id in state.retired_task_ids if state else ():
+            self._tasks.pop(task_id, None)
         self.store.set_run_status(run_id, status, reason)
         log.info("run %s %s%s", run_id, status, f": {reason}" if reason else "")
         self._notify()
 
     def _drop_open_round(self, state: RunState) -> None:
         assert state.open is not None
-        for task_id in state.open.tasks:
+        for task_id in state.retired_task_ids:
             self._tasks.pop(task_id, None)
-        state.open = None
+        state.retired_task_ids, state.open = state.open.task_ids, None
 
     # rounds -----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -511,13 +517,12 @@ class RoundEngine:
 
     def _hand_out(self, state: RunState, open_: OpenRound, kind: str, clients: Iterable[str],
                   config: Mapping[str, Any]) -> None:
-        for task_id in open_.tasks:
-            self._tasks.pop(task_id, None)
         open_.tasks = {}
         for client_id in clients:
             task = Task(secrets.token_hex(8), kind, state.record.id, open_.number,
                         state.record.committed_rounds, client_id, dict(config), open_.deadline)
             open_.tasks[task.task_id] = task
+            open_.task_ids.add(task.task_id)
             self._tasks[task.task_id] = task
 
     def _close_phase(self, state: RunState, clock: float) -> None:

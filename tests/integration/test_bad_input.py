@@ -86,7 +86,7 @@ def test_each_bad_upload_gets_its_status_and_the_round_still_commits_exactly(rou
     assert good.upload(good_task, good_w, 1).accepted
     assert bad.upload(bad_task, bad_w, 3).accepted
     dup = status_of(lambda: bad.upload(bad_task, bad_w, 3))
-    assert dup[0] in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
+    assert dup[0] == grpc.StatusCode.ALREADY_EXISTS and "already accepted" in dup[1]
 
     for client, task in ((good, good_task), (bad, bad_task)):
         eval_task = client.wait_task()
@@ -154,3 +154,46 @@ def wait_for_status(control: ControlClient, run_id: str, status: str, timeout: f
             return detail
         time.sleep(0.05)
     raise AssertionError(f"run {run_id} is {status_name(detail.run)}, not {status}")
+
+
+def test_deadline_closes_a_round_with_the_quorum_and_a_straggler_hears_round_closed(daemon):
+    with ControlClient(daemon.address) as control:
+        run = control.create_run(app="tiny", weights=tiny_weights(), num_rounds=2, clients_per_round=2,
+                                 min_clients=1, round_timeout_s=1.0)
+        fast, slow = RawClient(daemon.address, name="fast"), RawClient(daemon.address, name="slow")
+        fast_task, slow_task = fast.wait_task(), slow.wait_task()
+        assert fast.upload(fast_task, {"w": torch.ones(3, 2), "b": torch.ones(3)}, 2).accepted
+        eval_task = fast.wait_task(timeout=10)  # the deadline passed: round 1 committed with one update
+        assert (eval_task.type, eval_task.round) == (pb.EVALUATE, 1)
+        code, details = status_of(lambda: slow.upload(slow_task, tiny_weights(), 2))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "closed" in details
+        detail = control.get_run(run.run_id)
+        assert [(r.round, r.num_clients, r.num_examples) for r in detail.rounds] == [(1, 1, 2)]
+        assert torch.equal(control.download(run.run_id, 1)["w"], torch.ones(3, 2))
+        fast.close()
+        slow.close()
+
+
+def test_a_round_without_quorum_is_retried_then_the_run_fails_with_the_reason(tmp_path):
+    from tests.conftest import start_daemon
+
+    d = start_daemon(tmp_path / "data", max_round_attempts=2)
+    try:
+        with ControlClient(d.address) as control:
+            run = control.create_run(app="tiny", weights=tiny_weights(), num_rounds=1, clients_per_round=1,
+                                     min_clients=1, round_timeout_s=0.5)
+            silent = RawClient(d.address, name="silent")
+            first = silent.wait_task()
+            assert silent.wait_task().task_id == first.task_id  # asking again returns the same task
+            second = first
+            for _ in range(200):
+                second = silent.wait_task(timeout=10)
+                if second.task_id != first.task_id:
+                    break
+                threading.Event().wait(0.05)
+            assert second.task_id != first.task_id and second.round == 1  # retried with a fresh task
+            detail = wait_for_status(control, run.run_id, "failed")
+            assert "0 of 1 updates" in detail.run.status_reason and "2 attempts" in detail.run.status_reason
+            silent.close()
+    finally:
+        d.stop(grace=0.5)
