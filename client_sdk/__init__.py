@@ -15,7 +15,7 @@ from client_sdk.errors import (
     TrainingError,
     UpdateRejected,
 )
-from client_sdk.trainer import Trainer, TorchTrainer
+from client_sdk.trainer import TorchTrainer, Trainer
 from client_sdk.training import EvalResult, FitResult
 from client_sdk.transport import Backoff
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from client_sdk.errors import LeptonError, RoundClosed, TrainingError
 from client_sdk.trainer import Trainer
@@ -18,6 +20,7 @@ from client_sdk.transport import Backoff, FleetTransport, Stopped, task_config
 from protos.v1 import fleet_pb2 as pb
 
 log = logging.getLogger("leptonfl.client")
+R = TypeVar("R")
 
 
 @dataclass
@@ -37,14 +40,24 @@ class FederatedClient:
     `leptonfl client`. Set it to False to keep serving future runs until `stop()`.
     """
 
-    def __init__(self, server: str, app: str, trainer: Trainer, *, name: str = "", run_id: str = "",
-                 exit_when_idle: bool = True, backoff: Backoff = Backoff(),
-                 chunk_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        server: str,
+        app: str,
+        trainer: Trainer,
+        *,
+        name: str = "",
+        run_id: str = "",
+        exit_when_idle: bool = True,
+        backoff: Backoff = Backoff(),
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
         self.trainer = trainer
         self.exit_when_idle = exit_when_idle
         self._stop = threading.Event()
-        self.transport = FleetTransport(server, app, name=name, run_id=run_id, backoff=backoff,
-                                        stop=self._stop, chunk_bytes=chunk_bytes)
+        self.transport = FleetTransport(
+            server, app, name=name, run_id=run_id, backoff=backoff, stop=self._stop, chunk_bytes=chunk_bytes
+        )
         self.stats = ClientStats()
         self.error: LeptonError | None = None
         self._thread: threading.Thread | None = None
@@ -123,7 +136,7 @@ class FederatedClient:
         return self.stats
 
 
-def _guard(fn, what: str):  # type: ignore[no-untyped-def]
+def _guard(fn: Callable[[], R], what: str) -> R:
     try:
         return fn()
     except LeptonError:

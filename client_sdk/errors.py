@@ -1,14 +1,14 @@
 """The exceptions the SDK raises. Host apps catch these, never `grpc.RpcError`.
 
-    LeptonError
-    ├── ConnectionFailed      the server stayed unreachable past the reconnect timeout
-    ├── ProtocolMismatch      client and server speak incompatible protocol versions
-    ├── AuthenticationError   credentials refused (after a fresh Join was tried)
-    ├── RunNotFound           the run named does not exist on this server
-    ├── UpdateRejected        the server refused an update or report as invalid
-    ├── RoundClosed           a result arrived after its round closed (slow client)
-    ├── TrainingError         the app's own training or evaluation code raised
-    └── ServerError           anything else the server answered (status code kept)
+LeptonError
+├── ConnectionFailed      the server stayed unreachable past the reconnect timeout
+├── ProtocolMismatch      client and server speak incompatible protocol versions
+├── AuthenticationError   credentials refused (after a fresh Join was tried)
+├── RunNotFound           the run named does not exist on this server
+├── UpdateRejected        the server refused an update or report as invalid
+├── RoundClosed           a result arrived after its round closed (slow client)
+├── TrainingError         the app's own training or evaluation code raised
+└── ServerError           anything else the server answered (status code kept)
 """
 
 from __future__ import annotations

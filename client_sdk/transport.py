@@ -52,10 +52,18 @@ class Backoff:
 
 
 class FleetTransport:
-    def __init__(self, server: str, app: str, name: str = "", run_id: str = "",
-                 backoff: Backoff = Backoff(), stop: threading.Event | None = None,
-                 rpc_timeout: float = 30.0, chunk_bytes: int = 1 << 20,
-                 limits: StreamLimits = StreamLimits()) -> None:
+    def __init__(
+        self,
+        server: str,
+        app: str,
+        name: str = "",
+        run_id: str = "",
+        backoff: Backoff = Backoff(),
+        stop: threading.Event | None = None,
+        rpc_timeout: float = 30.0,
+        chunk_bytes: int = 1 << 20,
+        limits: StreamLimits = StreamLimits(),
+    ) -> None:
         self.server, self.app, self.name, self.run_id = server, app, name, run_id
         self.backoff = backoff
         self.stop_event = stop or threading.Event()
@@ -66,17 +74,20 @@ class FleetTransport:
         self.token = ""
         self.heartbeat_interval = 5.0
         self._rng = random.Random()
-        self._channel = grpc.insecure_channel(server, options=[
-            ("grpc.max_receive_message_length", 16 << 20),
-            # gRPC keeps its own reconnect schedule (1 s growing to 120 s) under ours; without
-            # these, a retry during its wait fails at once and `Backoff` would mean nothing.
-            ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
-            ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ])
+        self._channel = grpc.insecure_channel(
+            server,
+            options=[
+                ("grpc.max_receive_message_length", 16 << 20),
+                # gRPC keeps its own reconnect schedule (1 s growing to 120 s) under ours; without
+                # these, a retry during its wait fails at once and `Backoff` would mean nothing.
+                ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
+                ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
         self._stub = fleet_pb2_grpc.FleetStub(self._channel)
 
     def close(self) -> None:
@@ -105,7 +116,8 @@ class FleetTransport:
                 if code in RETRYABLE:
                     if self.backoff.timeout is not None and time.monotonic() - started > self.backoff.timeout:
                         raise ConnectionFailed(
-                            f"{action}: server {self.server} unreachable for {self.backoff.timeout:g} s", code.name
+                            f"{action}: server {self.server} unreachable for {self.backoff.timeout:g} s",
+                            code.name if code else "UNAVAILABLE",
                         ) from None
                     delay = next(delays)
                     log.warning("%s: server %s unavailable, retrying in %.1f s", action, self.server, delay)
@@ -121,10 +133,15 @@ class FleetTransport:
 
     # RPCs -------------------------------------------------------------------------------
     def join(self) -> str:
-        request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, app=self.app, name=self.name,
-                                 run_id=self.run_id, client_id=self.client_id, token=self.token)
-        response = self._call("join", lambda: self._stub.Join(request, timeout=self.rpc_timeout),
-                              authenticated=False)
+        request = pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION,
+            app=self.app,
+            name=self.name,
+            run_id=self.run_id,
+            client_id=self.client_id,
+            token=self.token,
+        )
+        response = self._call("join", lambda: self._stub.Join(request, timeout=self.rpc_timeout), authenticated=False)
         self.client_id, self.token = response.client_id, response.token
         self.heartbeat_interval = response.heartbeat_interval_ms / 1000 or 5.0
         log.info("joined %s as %s", self.server, self.client_id)
@@ -140,8 +157,10 @@ class FleetTransport:
             return False
 
     def get_task(self) -> pb.GetTaskResponse:
-        return self._call("get task", lambda: self._stub.GetTask(
-            pb.GetTaskRequest(), metadata=self._metadata(), timeout=self.rpc_timeout))
+        return self._call(
+            "get task",
+            lambda: self._stub.GetTask(pb.GetTaskRequest(), metadata=self._metadata(), timeout=self.rpc_timeout),
+        )
 
     def download(self, task: pb.Task) -> dict[str, torch.Tensor]:
         request = pb.DownloadModelRequest(task_id=task.task_id, chunk_bytes=self.chunk_bytes)
@@ -155,10 +174,16 @@ class FleetTransport:
 
         return self._call("download model", fetch)
 
-    def upload(self, task: pb.Task, weights: Mapping[str, torch.Tensor], num_examples: int,
-               metrics: Mapping[str, Any]) -> None:
-        header = pb.UploadHeader(task_id=task.task_id, run_id=task.run_id, round=task.round,
-                                 num_examples=num_examples, model=model_header(weights))
+    def upload(
+        self, task: pb.Task, weights: Mapping[str, torch.Tensor], num_examples: int, metrics: Mapping[str, Any]
+    ) -> None:
+        header = pb.UploadHeader(
+            task_id=task.task_id,
+            run_id=task.run_id,
+            round=task.round,
+            num_examples=num_examples,
+            model=model_header(weights),
+        )
         fill_scalar_map(header.metrics, metrics)
 
         def chunks() -> Iterator[pb.UploadChunk]:
@@ -168,13 +193,15 @@ class FleetTransport:
 
         self._call("upload update", lambda: self._stub.UploadUpdate(chunks(), metadata=self._metadata()))
 
-    def report_evaluation(self, task: pb.Task, num_examples: int, loss: float,
-                          metrics: Mapping[str, Any]) -> None:
-        report = pb.EvaluationReport(task_id=task.task_id, run_id=task.run_id, round=task.round,
-                                     num_examples=num_examples, loss=loss)
+    def report_evaluation(self, task: pb.Task, num_examples: int, loss: float, metrics: Mapping[str, Any]) -> None:
+        report = pb.EvaluationReport(
+            task_id=task.task_id, run_id=task.run_id, round=task.round, num_examples=num_examples, loss=loss
+        )
         fill_scalar_map(report.metrics, metrics)
-        self._call("report evaluation", lambda: self._stub.ReportEvaluation(
-            report, metadata=self._metadata(), timeout=self.rpc_timeout))
+        self._call(
+            "report evaluation",
+            lambda: self._stub.ReportEvaluation(report, metadata=self._metadata(), timeout=self.rpc_timeout),
+        )
 
 
 def task_config(task: pb.Task) -> dict[str, Any]:

@@ -28,7 +28,9 @@ def _add_server(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leptonfl", description="Lepton FL: federated learning daemon, client SDK and simulator.")
+    parser = argparse.ArgumentParser(
+        prog="leptonfl", description="Lepton FL: federated learning daemon, client SDK and simulator."
+    )
     parser.add_argument("--version", action="version", version=f"leptonfl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,9 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-workers", type=int, help="gRPC worker threads (default 32)")
     start.add_argument("--chunk-bytes", type=int, help="model stream chunk size (default 1 MiB)")
     start.add_argument("--max-update-bytes", type=int, help="largest accepted update (default 2 GiB)")
-    start.add_argument("--heartbeat-interval", dest="heartbeat_interval_s", type=float, help="seconds between client heartbeats (default 5)")
-    start.add_argument("--liveness-timeout", dest="liveness_timeout_s", type=float, help="seconds of silence before a client counts as offline (default 30)")
-    start.add_argument("--selection-grace", dest="selection_grace_s", type=float, help="seconds to wait for a full round once min clients are online (default 3)")
+    start.add_argument(
+        "--heartbeat-interval",
+        dest="heartbeat_interval_s",
+        type=float,
+        help="seconds between client heartbeats (default 5)",
+    )
+    start.add_argument(
+        "--liveness-timeout",
+        dest="liveness_timeout_s",
+        type=float,
+        help="seconds of silence before a client counts as offline (default 30)",
+    )
+    start.add_argument(
+        "--selection-grace",
+        dest="selection_grace_s",
+        type=float,
+        help="seconds to wait for a full round once min clients are online (default 3)",
+    )
     start.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
     migrate = server_cmds.add_parser("migrate", help="upgrade the database schema of a data dir")
     migrate.add_argument("--data-dir", default="leptonfl-data")
@@ -61,13 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg)")
     create.add_argument("--rounds", type=int, default=5)
     create.add_argument("--clients-per-round", type=int, default=2)
-    create.add_argument("--min-clients", type=int, help="fewest updates a round may close with (default: clients per round)")
+    create.add_argument(
+        "--min-clients", type=int, help="fewest updates a round may close with (default: clients per round)"
+    )
     create.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round phase (default 300)")
-    create.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="client config handed to every task, e.g. --set lr=0.05 --set local_epochs=2")
+    create.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="client config handed to every task, e.g. --set lr=0.05 --set local_epochs=2",
+    )
     create.add_argument("--name", default="", help="a label for operators")
-    for name, helptext in (("list", "list runs"), ("show", "status and per-round metrics"),
-                           ("watch", "follow a run until it ends"), ("cancel", "cancel a run")):
+    for name, helptext in (
+        ("list", "list runs"),
+        ("show", "status and per-round metrics"),
+        ("watch", "follow a run until it ends"),
+        ("cancel", "cancel a run"),
+    ):
         sub = run_cmds.add_parser(name, help=helptext)
         _add_server(sub)
         if name != "list":
@@ -90,10 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--seed", type=int, default=0, help="partitioning seed; equal on every client")
     client.add_argument("--run", dest="run_id", default="", help="take part in this run only")
     client.add_argument("--name", default="", help="label shown to operators (default: the partition)")
-    client.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for local training (default 1: fastest for small models and "
-                             "several clients per host; raise it for a large model on a dedicated device)")
-    client.add_argument("--serve-forever", action="store_true", help="keep serving new runs instead of exiting when idle")
+    client.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for local training (default 1: fastest for small models and "
+        "several clients per host; raise it for a large model on a dedicated device)",
+    )
+    client.add_argument(
+        "--serve-forever", action="store_true", help="keep serving new runs instead of exiting when idle"
+    )
 
     sim = commands.add_parser("sim", help="simulate many clients on this machine")
     sim.add_argument("--app", required=True)
@@ -105,8 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy", default="fedavg")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")
-    sim.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                     help="client config overrides, e.g. --set lr=0.05")
+    sim.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="client config overrides, e.g. --set lr=0.05",
+    )
     return parser
 
 
@@ -116,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from leptonfl import commands
 
-    handler = {"server": commands.server, "run": commands.run, "client": commands.client, "sim": commands.sim}[args.command]
+    handler = {"server": commands.server, "run": commands.run, "client": commands.client, "sim": commands.sim}[
+        args.command
+    ]
     try:
         return handler(args)
     except CommandError as exc:

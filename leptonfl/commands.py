@@ -8,9 +8,14 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leptonfl.cli import CommandError
+
+if TYPE_CHECKING:  # the heavy imports stay lazy so `leptonfl --help` is instant
+    from protos.v1 import control_pb2
+    from server.control_client import ControlClient
+    from simulations.apps import App
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -40,7 +45,7 @@ def _server_address(args: argparse.Namespace) -> str:
     return args.server or default_server()
 
 
-def _load_app(spec: str):  # type: ignore[no-untyped-def]
+def _load_app(spec: str) -> App:
     from simulations.apps import AppError, load_app
 
     try:
@@ -67,9 +72,21 @@ def server(args: argparse.Namespace) -> int:
         print(f"schema {before or 'empty'} -> {after}", file=sys.stderr)
         return 0
 
-    flags = {key: getattr(args, key) for key in (
-        "address", "data_dir", "db", "max_workers", "chunk_bytes", "max_update_bytes",
-        "heartbeat_interval_s", "liveness_timeout_s", "selection_grace_s", "log_level")}
+    flags = {
+        key: getattr(args, key)
+        for key in (
+            "address",
+            "data_dir",
+            "db",
+            "max_workers",
+            "chunk_bytes",
+            "max_update_bytes",
+            "heartbeat_interval_s",
+            "liveness_timeout_s",
+            "selection_grace_s",
+            "log_level",
+        )
+    }
     try:
         config = load_config(Path(args.config) if args.config else None, flags)
     except (OSError, ValueError) as exc:
@@ -96,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
 
 
-def _create(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _create(control: ControlClient, args: argparse.Namespace) -> int:
     app = _load_app(args.app)
     if args.weights:
         from safetensors.torch import load_file
@@ -109,24 +126,37 @@ def _create(control, args: argparse.Namespace) -> int:  # type: ignore[no-untype
         weights = app.initial_weights(args.seed)
     client_config = {**app.default_config, **parse_settings(args.settings)}
     run = control.create_run(
-        app=app.name, weights=weights, num_rounds=args.rounds, clients_per_round=args.clients_per_round,
-        min_clients=args.min_clients or args.clients_per_round, round_timeout_s=args.round_timeout,
-        strategy=args.strategy, client_config=client_config, name=args.name,
+        app=app.name,
+        weights=weights,
+        num_rounds=args.rounds,
+        clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients or args.clients_per_round,
+        round_timeout_s=args.round_timeout,
+        strategy=args.strategy,
+        client_config=client_config,
+        name=args.name,
     )
     print(f"created run {run.run_id} ({app.name}, {args.strategy}, {args.rounds} rounds)", file=sys.stderr)
     print(run.run_id)
     return 0
 
 
-def _run_dict(run) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _run_dict(run: control_pb2.Run) -> dict[str, Any]:
     from server.control_client import status_name
 
     return {
-        "run_id": run.run_id, "name": run.spec.name, "app": run.spec.app, "strategy": run.spec.strategy,
-        "status": status_name(run), "status_reason": run.status_reason,
-        "committed_rounds": run.committed_rounds, "num_rounds": run.spec.num_rounds,
-        "clients_per_round": run.spec.clients_per_round, "min_clients": run.spec.min_clients,
-        "created_at": run.created_at, "updated_at": run.updated_at,
+        "run_id": run.run_id,
+        "name": run.spec.name,
+        "app": run.spec.app,
+        "strategy": run.spec.strategy,
+        "status": status_name(run),
+        "status_reason": run.status_reason,
+        "committed_rounds": run.committed_rounds,
+        "num_rounds": run.spec.num_rounds,
+        "clients_per_round": run.spec.clients_per_round,
+        "min_clients": run.spec.min_clients,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
     }
 
 
@@ -134,67 +164,97 @@ def _nan_to_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _list(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _list(control: ControlClient, args: argparse.Namespace) -> int:
     runs = [_run_dict(r) for r in control.list_runs()]
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0
     print(f"{'RUN':<14} {'APP':<12} {'STRATEGY':<10} {'STATUS':<10} {'ROUNDS':>7}  CREATED")
     for r in runs:
-        print(f"{r['run_id']:<14} {r['app']:<12} {r['strategy']:<10} {r['status']:<10} "
-              f"{r['committed_rounds']:>3}/{r['num_rounds']:<3}  {r['created_at'][:19]}")
+        print(
+            f"{r['run_id']:<14} {r['app']:<12} {r['strategy']:<10} {r['status']:<10} "
+            f"{r['committed_rounds']:>3}/{r['num_rounds']:<3}  {r['created_at'][:19]}"
+        )
     return 0
 
 
-def _show(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _show(control: ControlClient, args: argparse.Namespace) -> int:
     detail = control.get_run(args.run_id)
     info = _run_dict(detail.run)
-    rounds = [{
-        "round": r.round, "num_clients": r.num_clients, "num_examples": r.num_examples,
-        "train_loss": _nan_to_none(r.train_loss), "eval_loss": _nan_to_none(r.eval_loss),
-        "eval_accuracy": _nan_to_none(r.eval_accuracy), "eval_clients": r.eval_clients,
-        "duration_seconds": r.duration_seconds,
-    } for r in detail.rounds]
+    rounds = [
+        {
+            "round": r.round,
+            "num_clients": r.num_clients,
+            "num_examples": r.num_examples,
+            "train_loss": _nan_to_none(r.train_loss),
+            "eval_loss": _nan_to_none(r.eval_loss),
+            "eval_accuracy": _nan_to_none(r.eval_accuracy),
+            "eval_clients": r.eval_clients,
+            "duration_seconds": r.duration_seconds,
+        }
+        for r in detail.rounds
+    ]
     if args.json:
         print(json.dumps({**info, "rounds": rounds}, indent=2))
         return 0
-    print(f"run {info['run_id']}  status {info['status']}"
-          f"{' (' + info['status_reason'] + ')' if info['status_reason'] else ''}")
-    print(f"app {info['app']}, strategy {info['strategy']}, rounds {info['committed_rounds']}/{info['num_rounds']}, "
-          f"{info['clients_per_round']} clients per round (min {info['min_clients']})")
+    print(
+        f"run {info['run_id']}  status {info['status']}"
+        f"{' (' + info['status_reason'] + ')' if info['status_reason'] else ''}"
+    )
+    print(
+        f"app {info['app']}, strategy {info['strategy']}, rounds {info['committed_rounds']}/{info['num_rounds']}, "
+        f"{info['clients_per_round']} clients per round (min {info['min_clients']})"
+    )
     if rounds:
         from simulations.report import RoundRecord, render_round_table
 
-        print(render_round_table([RoundRecord(
-            round=r.round, num_clients=r.num_clients, num_examples=r.num_examples, train_loss=r.train_loss,
-            eval_loss=r.eval_loss, eval_accuracy=r.eval_accuracy, duration_seconds=r.duration_seconds,
-        ) for r in detail.rounds]))
+        print(
+            render_round_table(
+                [
+                    RoundRecord(
+                        round=r.round,
+                        num_clients=r.num_clients,
+                        num_examples=r.num_examples,
+                        train_loss=r.train_loss,
+                        eval_loss=r.eval_loss,
+                        eval_accuracy=r.eval_accuracy,
+                        duration_seconds=r.duration_seconds,
+                    )
+                    for r in detail.rounds
+                ]
+            )
+        )
     return 0
 
 
-def _watch(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _watch(control: ControlClient, args: argparse.Namespace) -> int:
     from server.control_client import status_name
 
     for event in control.watch(args.run_id):
         if event.HasField("round"):
             r = event.round
-            print(f"round {r.round}: {r.num_clients} clients, train_loss {r.train_loss:.4f}, "
-                  f"accuracy {r.eval_accuracy:.4f}", file=sys.stderr)
+            print(
+                f"round {r.round}: {r.num_clients} clients, train_loss {r.train_loss:.4f}, "
+                f"accuracy {r.eval_accuracy:.4f}",
+                file=sys.stderr,
+            )
         elif event.open_round:
-            print(f"round {event.open_round}: {event.open_round_updates}/{event.open_round_selected} updates",
-                  file=sys.stderr)
+            print(
+                f"round {event.open_round}: {event.open_round_updates}/{event.open_round_selected} updates",
+                file=sys.stderr,
+            )
         status = status_name(event.run)
     print(status)
     return 0 if status == "completed" else 1
 
 
-def _cancel(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _cancel(control: ControlClient, args: argparse.Namespace) -> int:
     control.cancel_run(args.run_id, args.reason)
     print(f"cancelled {args.run_id}", file=sys.stderr)
     return 0
 
 
-def _model(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _model(control: ControlClient, args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     weights = control.download(args.run_id, args.round)
@@ -203,17 +263,16 @@ def _model(control, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
     return 0
 
 
-_RUN_COMMANDS = {"create": _create, "list": _list, "show": _show, "watch": _watch,
-                 "cancel": _cancel, "model": _model}
+_RUN_COMMANDS = {"create": _create, "list": _list, "show": _show, "watch": _watch, "cancel": _cancel, "model": _model}
 
 
 # client ------------------------------------------------------------------------------------
 def client(args: argparse.Namespace) -> int:
+    import torch
+
     from client_sdk import FederatedClient, LeptonError, TorchTrainer
     from simulations.apps import AppError, loader
     from simulations.partition import parse_partition_label
-
-    import torch
 
     torch.set_num_threads(max(1, args.threads))
     app = _load_app(args.app)
@@ -223,10 +282,21 @@ def client(args: argparse.Namespace) -> int:
     except (ValueError, AppError) as exc:
         raise CommandError(str(exc)) from exc
     batch_size = int(app.default_config.get("batch_size", 32))
-    trainer = TorchTrainer(app.build_model(), loader(train, batch_size, True, args.seed + index),
-                           loader(test, 256, False, 0), optimizer=app.make_optimizer, loss_fn=app.loss_fn)
-    fl_client = FederatedClient(_server_address(args), app.name, trainer, name=args.name or f"partition {args.partition}",
-                                run_id=args.run_id, exit_when_idle=not args.serve_forever)
+    trainer = TorchTrainer(
+        app.build_model(),
+        loader(train, batch_size, True, args.seed + index),
+        loader(test, 256, False, 0),
+        optimizer=app.make_optimizer,
+        loss_fn=app.loss_fn,
+    )
+    fl_client = FederatedClient(
+        _server_address(args),
+        app.name,
+        trainer,
+        name=args.name or f"partition {args.partition}",
+        run_id=args.run_id,
+        exit_when_idle=not args.serve_forever,
+    )
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: fl_client.stop(timeout=0))
@@ -234,8 +304,10 @@ def client(args: argparse.Namespace) -> int:
         stats = fl_client.run()
     except LeptonError as exc:
         raise CommandError(str(exc)) from exc
-    print(f"client {fl_client.client_id}: trained {stats.rounds_trained} rounds, "
-          f"evaluated {stats.rounds_evaluated}", file=sys.stderr)
+    print(
+        f"client {fl_client.client_id}: trained {stats.rounds_trained} rounds, evaluated {stats.rounds_evaluated}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -250,16 +322,24 @@ def sim(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # many small models: threads cost more than they give
     config = SimulationConfig(
-        app=args.app, clients=args.clients, rounds=args.rounds, clients_per_round=args.clients_per_round,
-        partition=args.partition, backend=args.backend, seed=args.seed, out=Path(args.out),
-        strategy=args.strategy, client_config=parse_settings(args.settings),
+        app=args.app,
+        clients=args.clients,
+        rounds=args.rounds,
+        clients_per_round=args.clients_per_round,
+        partition=args.partition,
+        backend=args.backend,
+        seed=args.seed,
+        out=Path(args.out),
+        strategy=args.strategy,
+        client_config=parse_settings(args.settings),
     )
     try:
         result = run_simulation(config)
     except (ValueError, AppError, RuntimeError) as exc:
         raise CommandError(str(exc)) from exc
     print(render_round_table(result.records))
-    print(f"final test accuracy {result.final_accuracy:.4f} after {len(result.records)} rounds "
-          f"in {result.seconds:.1f} s")
+    print(
+        f"final test accuracy {result.final_accuracy:.4f} after {len(result.records)} rounds in {result.seconds:.1f} s"
+    )
     print(f"metrics: {result.metrics_path}\nplot:    {result.plot_path}\nmodel:   {result.model_path}")
     return 0

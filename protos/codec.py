@@ -55,13 +55,15 @@ class StreamLimits:
 
 
 def dtype_name(wire_dtype: int) -> str:
-    return pb.DType.Name(wire_dtype) if wire_dtype in pb.DType.values() else f"<unknown {wire_dtype}>"
+    if wire_dtype not in pb.DType.values():
+        return f"<unknown {wire_dtype}>"
+    return pb.DType.Name(pb.DType.ValueType(wire_dtype))
 
 
 def spec_of(name: str, tensor: torch.Tensor) -> pb.TensorSpec:
     if tensor.dtype not in TORCH_TO_WIRE:
         raise CodecError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
-    return pb.TensorSpec(name=name, dtype=TORCH_TO_WIRE[tensor.dtype], shape=list(tensor.shape))
+    return pb.TensorSpec(name=name, dtype=pb.DType.ValueType(TORCH_TO_WIRE[tensor.dtype]), shape=list(tensor.shape))
 
 
 def spec_nbytes(spec: pb.TensorSpec) -> int:
@@ -76,7 +78,7 @@ def model_header(weights: Mapping[str, torch.Tensor]) -> pb.ModelHeader:
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def iter_tensor_data(
@@ -88,9 +90,7 @@ def iter_tensor_data(
     for index, tensor in enumerate(weights.values()):
         raw = _raw_bytes(tensor)
         for offset in range(0, len(raw), chunk_bytes):
-            yield pb.TensorData(
-                tensor_index=index, offset=offset, data=bytes(raw[offset : offset + chunk_bytes])
-            )
+            yield pb.TensorData(tensor_index=index, offset=offset, data=bytes(raw[offset : offset + chunk_bytes]))
 
 
 def iter_model_chunks(
@@ -140,9 +140,7 @@ def check_same_specs(header: pb.ModelHeader, expected: pb.ModelHeader) -> None:
                 f"tensor {name!r} has dtype {dtype_name(g.dtype)}, the global model has {dtype_name(w.dtype)}"
             )
         if list(g.shape) != list(w.shape):
-            raise CodecError(
-                f"tensor {name!r} has shape {list(g.shape)}, the global model has {list(w.shape)}"
-            )
+            raise CodecError(f"tensor {name!r} has shape {list(g.shape)}, the global model has {list(w.shape)}")
 
 
 class ModelAssembler:
@@ -193,9 +191,7 @@ class ModelAssembler:
 
     def finish(self) -> Weights:
         if not self.complete:
-            raise CodecError(
-                f"stream ended early: {self.received_bytes} of {self.total_bytes} bytes received"
-            )
+            raise CodecError(f"stream ended early: {self.received_bytes} of {self.total_bytes} bytes received")
         out: Weights = {}
         for spec, buf in zip(self._specs, self._buffers, strict=True):
             dtype = WIRE_TO_TORCH[spec.dtype]
@@ -205,9 +201,7 @@ class ModelAssembler:
         return out
 
 
-def assemble(
-    chunks: Iterable[pb.ModelChunk], limits: StreamLimits = StreamLimits()
-) -> Weights:
+def assemble(chunks: Iterable[pb.ModelChunk], limits: StreamLimits = StreamLimits()) -> Weights:
     """Collect a whole `ModelChunk` stream (header first) into named tensors."""
     assembler: ModelAssembler | None = None
     for chunk in chunks:
@@ -228,8 +222,4 @@ def assemble(
 
 def non_finite_tensors(weights: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or Inf."""
-    return [
-        name
-        for name, t in weights.items()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+    return [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -29,8 +29,8 @@ def generated_files(root: Path) -> list[Path]:
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc for every `.proto` of `protos/v1`, writing below `out_root/protos/v1`."""
-    from grpc_tools import protoc  # dev extra only
     import grpc_tools
+    from grpc_tools import protoc  # dev extra only
 
     plugin_dir = Path(sys.executable).parent
     (out_root / "protos" / "v1").mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,13 @@ from protos.scalars import fill_scalar_map
 from protos.v1 import control_pb2 as pb
 from protos.v1 import control_pb2_grpc
 
-STATUS_NAMES = {pb.PENDING: "pending", pb.RUNNING: "running", pb.COMPLETED: "completed",
-                pb.FAILED: "failed", pb.CANCELLED: "cancelled"}
+STATUS_NAMES = {
+    pb.PENDING: "pending",
+    pb.RUNNING: "running",
+    pb.COMPLETED: "completed",
+    pb.FAILED: "failed",
+    pb.CANCELLED: "cancelled",
+}
 
 
 class ControlError(Exception):
@@ -52,14 +57,30 @@ class ControlClient:
             details = f"no Lepton FL server reachable at {self.server} ({details})"
         return ControlError(f"{action}: {details}", code)
 
-    def create_run(self, *, app: str, weights: Mapping[str, torch.Tensor], num_rounds: int,
-                   clients_per_round: int, min_clients: int, round_timeout_s: float = 300.0,
-                   strategy: str = "fedavg", strategy_params: Mapping[str, Any] | None = None,
-                   client_config: Mapping[str, Any] | None = None, name: str = "",
-                   chunk_bytes: int = 1 << 20) -> pb.Run:
-        spec = pb.RunSpec(app=app, strategy=strategy, num_rounds=num_rounds,
-                          clients_per_round=clients_per_round, min_clients=min_clients,
-                          round_timeout_seconds=round_timeout_s, name=name)
+    def create_run(
+        self,
+        *,
+        app: str,
+        weights: Mapping[str, torch.Tensor],
+        num_rounds: int,
+        clients_per_round: int,
+        min_clients: int,
+        round_timeout_s: float = 300.0,
+        strategy: str = "fedavg",
+        strategy_params: Mapping[str, Any] | None = None,
+        client_config: Mapping[str, Any] | None = None,
+        name: str = "",
+        chunk_bytes: int = 1 << 20,
+    ) -> pb.Run:
+        spec = pb.RunSpec(
+            app=app,
+            strategy=strategy,
+            num_rounds=num_rounds,
+            clients_per_round=clients_per_round,
+            min_clients=min_clients,
+            round_timeout_seconds=round_timeout_s,
+            name=name,
+        )
         fill_scalar_map(spec.strategy_params, strategy_params or {})
         fill_scalar_map(spec.client_config, client_config or {})
 

@@ -66,8 +66,12 @@ class Daemon:
         self.address = f"{host}:{port}"
         self._server.start()
         self.engine.start()
-        log.info("leptonfl daemon listening on %s (data dir %s, db %s)", self.address,
-                 self.config.data_dir, _redact(self.config.db_url))
+        log.info(
+            "leptonfl daemon listening on %s (data dir %s, db %s)",
+            self.address,
+            self.config.data_dir,
+            _redact(self.config.db_url),
+        )
         return self.address
 
     def stop(self, grace: float | None = None) -> None:

@@ -221,8 +221,9 @@ class RoundEngine:
             return self._version
 
     # clients ----------------------------------------------------------------------------
-    def join(self, protocol_version: int, app: str, name: str, run_id: str,
-             client_id: str = "", token: str = "") -> tuple[str, str]:
+    def join(
+        self, protocol_version: int, app: str, name: str, run_id: str, client_id: str = "", token: str = ""
+    ) -> tuple[str, str]:
         if protocol_version != PROTOCOL_VERSION:
             raise FailedPrecondition(
                 f"client speaks Lepton FL protocol v{protocol_version}, this server speaks "
@@ -292,8 +293,9 @@ class RoundEngine:
                 return state.weights
         return self.checkpoint_weights(task.run_id, task.model_round)
 
-    def receive_update(self, client_id: str, header: fleet_pb2.UploadHeader,
-                       chunks: Iterable[tensors_pb2.TensorData]) -> None:
+    def receive_update(
+        self, client_id: str, header: fleet_pb2.UploadHeader, chunks: Iterable[tensors_pb2.TensorData]
+    ) -> None:
         """Validate and fold one streamed update; any error discards the partial update."""
         task = self._assigned_task(client_id, header.task_id, header.run_id, header.round, TRAIN)
         with self._lock:
@@ -321,8 +323,15 @@ class RoundEngine:
             open_ = self._still_open(task, TRAIN)
             open_.aggregate.add(ClientUpdate(weights, int(header.num_examples), metrics))
             open_.delivered[client_id] = Participation(client_id, int(header.num_examples), metrics)
-            log.info("run %s round %d: update %d/%d from %s (%d examples)", task.run_id, task.round,
-                     len(open_.delivered), len(open_.tasks), client_id, header.num_examples)
+            log.info(
+                "run %s round %d: update %d/%d from %s (%d examples)",
+                task.run_id,
+                task.round,
+                len(open_.delivered),
+                len(open_.tasks),
+                client_id,
+                header.num_examples,
+            )
             self._notify()
 
     def report_evaluation(self, client_id: str, report: fleet_pb2.EvaluationReport) -> None:
@@ -335,8 +344,11 @@ class RoundEngine:
             raise InvalidArgument(f"accuracy must be a number in [0, 1], got {accuracy!r}")
         with self._lock:
             open_ = self._still_open(task, EVALUATE)
-            open_.evaluated[client_id] = (int(report.num_examples), report.loss,
-                                          None if accuracy is None else float(accuracy))
+            open_.evaluated[client_id] = (
+                int(report.num_examples),
+                report.loss,
+                None if accuracy is None else float(accuracy),
+            )
             self._notify()
 
     def _assigned_task(self, client_id: str, task_id: str, run_id: str, number: int, kind: str) -> Task:
@@ -388,7 +400,8 @@ class RoundEngine:
             raise InvalidArgument("clients per round must be at least 1")
         if not 1 <= spec.min_clients <= spec.clients_per_round:
             raise InvalidArgument(
-                f"min clients must be between 1 and clients per round ({spec.clients_per_round}), got {spec.min_clients}"
+                f"min clients must be between 1 and clients per round ({spec.clients_per_round}), "
+                f"got {spec.min_clients}"
             )
         if not (spec.round_timeout_s > 0 and math.isfinite(spec.round_timeout_s)):
             raise InvalidArgument("round timeout must be a positive number of seconds")
@@ -404,12 +417,22 @@ class RoundEngine:
         run_id = f"run-{secrets.token_hex(4)}"
         stamp = now()
         record = RunRecord(
-            id=run_id, name=spec.name, app=spec.app, strategy=spec.strategy,
-            strategy_params=dict(spec.strategy_params), client_config=dict(spec.client_config),
-            num_rounds=spec.num_rounds, clients_per_round=spec.clients_per_round,
-            min_clients=spec.min_clients, round_timeout_s=spec.round_timeout_s,
-            status="running", status_reason="", committed_rounds=0,
-            strategy_state=strategy.state_dict(), created_at=stamp, updated_at=stamp,
+            id=run_id,
+            name=spec.name,
+            app=spec.app,
+            strategy=spec.strategy,
+            strategy_params=dict(spec.strategy_params),
+            client_config=dict(spec.client_config),
+            num_rounds=spec.num_rounds,
+            clients_per_round=spec.clients_per_round,
+            min_clients=spec.min_clients,
+            round_timeout_s=spec.round_timeout_s,
+            status="running",
+            status_reason="",
+            committed_rounds=0,
+            strategy_state=strategy.state_dict(),
+            created_at=stamp,
+            updated_at=stamp,
         )
         weights = dict(weights)
         checkpoint = self.checkpoints.save(run_id, 0, weights)
@@ -417,8 +440,14 @@ class RoundEngine:
             self.store.create_run(record, checkpoint)
             self._runs[run_id] = RunState(record, strategy, weights, model_header(weights))
             self._notify()
-        log.info("created run %s: app %s, %s, %d rounds, %d clients per round", run_id, spec.app,
-                 spec.strategy, spec.num_rounds, spec.clients_per_round)
+        log.info(
+            "created run %s: app %s, %s, %d rounds, %d clients per round",
+            run_id,
+            spec.app,
+            spec.strategy,
+            spec.num_rounds,
+            spec.clients_per_round,
+        )
         return record
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -488,9 +517,12 @@ class RoundEngine:
     def _online_clients(self, app: str, run_id: str, clock: float) -> list[str]:
         busy = {t.client_id for s in self._runs.values() if s.open for t in s.open.tasks.values()}
         return sorted(
-            cid for cid, s in self._sessions.items()
+            cid
+            for cid, s in self._sessions.items()
             if clock - s.last_seen <= self.config.liveness_timeout_s
-            and s.record.app == app and s.record.run_filter in ("", run_id) and cid not in busy
+            and s.record.app == app
+            and s.record.run_filter in ("", run_id)
+            and cid not in busy
         )
 
     def _maybe_open_round(self, state: RunState, clock: float) -> None:
@@ -506,21 +538,42 @@ class RoundEngine:
         number = run.committed_rounds + 1
         rng = random.Random(f"{run.id}/{number}/{state.attempt}")
         selected = rng.sample(eligible, min(run.clients_per_round, len(eligible)))
-        open_ = OpenRound(number, state.attempt, clock, clock + run.round_timeout_s, selected,
-                          state.strategy.begin_round(number, state.weights))
+        open_ = OpenRound(
+            number,
+            state.attempt,
+            clock,
+            clock + run.round_timeout_s,
+            selected,
+            state.strategy.begin_round(number, state.weights),
+        )
         config = {**run.client_config, **state.strategy.configure_round(number)}
         self._hand_out(state, open_, TRAIN, selected, config)
         state.open, state.waiting_since = open_, None
-        log.info("run %s round %d/%d: selected %d clients (attempt %d)", run.id, number,
-                 run.num_rounds, len(selected), state.attempt)
+        log.info(
+            "run %s round %d/%d: selected %d clients (attempt %d)",
+            run.id,
+            number,
+            run.num_rounds,
+            len(selected),
+            state.attempt,
+        )
         self._notify()
 
-    def _hand_out(self, state: RunState, open_: OpenRound, kind: str, clients: Iterable[str],
-                  config: Mapping[str, Any]) -> None:
+    def _hand_out(
+        self, state: RunState, open_: OpenRound, kind: str, clients: Iterable[str], config: Mapping[str, Any]
+    ) -> None:
         open_.tasks = {}
         for client_id in clients:
-            task = Task(secrets.token_hex(8), kind, state.record.id, open_.number,
-                        state.record.committed_rounds, client_id, dict(config), open_.deadline)
+            task = Task(
+                secrets.token_hex(8),
+                kind,
+                state.record.id,
+                open_.number,
+                state.record.committed_rounds,
+                client_id,
+                dict(config),
+                open_.deadline,
+            )
             open_.tasks[task.task_id] = task
             open_.task_ids.add(task.task_id)
             self._tasks[task.task_id] = task
@@ -532,8 +585,10 @@ class RoundEngine:
             if len(open_.delivered) >= run.min_clients:
                 self._commit_round(state, clock)
                 return
-            reason = (f"round {open_.number}: {len(open_.delivered)} of {len(open_.selected)} updates by the "
-                      f"{run.round_timeout_s:g} s deadline, {run.min_clients} needed")
+            reason = (
+                f"round {open_.number}: {len(open_.delivered)} of {len(open_.selected)} updates by the "
+                f"{run.round_timeout_s:g} s deadline, {run.min_clients} needed"
+            )
             self._drop_open_round(state)
             if state.attempt >= self.config.max_round_attempts:
                 self._end_run(run.id, "failed", f"{reason}; gave up after {state.attempt} attempts")
@@ -551,17 +606,29 @@ class RoundEngine:
         metrics = open_.aggregate.metrics()
         checkpoint = self.checkpoints.save(run.id, open_.number, weights)
         round_ = RoundRecord(
-            run_id=run.id, number=open_.number, num_clients=open_.aggregate.num_updates,
-            num_examples=open_.aggregate.num_examples, train_loss=metrics.get("train_loss"),
-            eval_loss=None, eval_accuracy=None, eval_clients=0, duration_s=clock - open_.started,
+            run_id=run.id,
+            number=open_.number,
+            num_clients=open_.aggregate.num_updates,
+            num_examples=open_.aggregate.num_examples,
+            train_loss=metrics.get("train_loss"),
+            eval_loss=None,
+            eval_accuracy=None,
+            eval_clients=0,
+            duration_s=clock - open_.started,
             metrics=metrics,
         )
         self.store.commit_round(round_, checkpoint, list(open_.delivered.values()), state.strategy.state_dict())
         state.record = replace(run, committed_rounds=open_.number, strategy_state=state.strategy.state_dict())
         state.weights, state.header, state.attempt = weights, model_header(weights), 1
-        log.info("run %s round %d/%d committed: %d updates, %d examples, train_loss %s",
-                 run.id, open_.number, run.num_rounds, round_.num_clients, round_.num_examples,
-                 _fmt(round_.train_loss))
+        log.info(
+            "run %s round %d/%d committed: %d updates, %d examples, train_loss %s",
+            run.id,
+            open_.number,
+            run.num_rounds,
+            round_.num_clients,
+            round_.num_examples,
+            _fmt(round_.train_loss),
+        )
         open_.phase, open_.train_seconds = EVALUATE, clock - open_.started
         open_.deadline = clock + run.round_timeout_s
         self._hand_out(state, open_, EVALUATE, open_.delivered, run.client_config)
@@ -577,8 +644,14 @@ class RoundEngine:
         acc_examples = sum(n for n, _ in with_acc)
         accuracy = sum(n * a for n, a in with_acc) / acc_examples if acc_examples else None
         self.store.set_round_evaluation(run.id, open_.number, loss, accuracy, len(results))
-        log.info("run %s round %d evaluated by %d clients: loss %s, accuracy %s", run.id,
-                 open_.number, len(results), _fmt(loss), _fmt(accuracy))
+        log.info(
+            "run %s round %d evaluated by %d clients: loss %s, accuracy %s",
+            run.id,
+            open_.number,
+            len(results),
+            _fmt(loss),
+            _fmt(accuracy),
+        )
         self._drop_open_round(state)
         if open_.number >= run.num_rounds:
             self._end_run(run.id, "completed")

@@ -70,8 +70,11 @@ class App:
             return self._split_cache[key]
         train, test = self.load_dataset()
         train_parts = parse_partitioner(partitioner).split(labels_of(train), count, seed)
-        test_parts = IidPartitioner().split(labels_of(test), count, seed) if len(test) >= count else \
-            [np.arange(len(test))] * count  # too few test examples to share: everyone gets all
+        test_parts = (
+            IidPartitioner().split(labels_of(test), count, seed)
+            if len(test) >= count
+            else [np.arange(len(test))] * count
+        )  # too few test examples to share: everyone gets all
         self._split_cache[key] = (train_parts, test_parts)
         return train_parts, test_parts
 
@@ -94,7 +97,9 @@ def load_app(spec: str) -> App:
     if missing:
         raise AppError(f"app {spec!r} lacks {', '.join(missing)} (see docs/apps.md for the contract)")
     return App(
-        name=str(module.NAME), module=module, build_model=module.build_model,
+        name=str(module.NAME),
+        module=module,
+        build_model=module.build_model,
         load_dataset=module.load_dataset,
         default_config=dict(getattr(module, "DEFAULT_CLIENT_CONFIG", {})),
         make_optimizer=getattr(module, "make_optimizer", sgd),

@@ -34,16 +34,27 @@ class DaemonProcess:
 
     def __init__(self, data_dir: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
         self.data_dir, self.log_path = data_dir, log_path
-        self.args = [sys.executable, "-m", "leptonfl", "server", "start", "--address", "127.0.0.1:0",
-                     "--data-dir", str(data_dir), *(extra_args or [])]
+        self.args = [
+            sys.executable,
+            "-m",
+            "leptonfl",
+            "server",
+            "start",
+            "--address",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            *(extra_args or []),
+        ]
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
 
     def start(self, timeout: float = 60.0) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(self.args, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                self.args, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log_path.read_text(errors="replace"))
@@ -67,9 +78,12 @@ class DaemonProcess:
             return self.process.wait()
 
 
-def run_grpc(app: App, config: SimulationConfig, on_round: Callable[[RoundRecord], None]) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
-    daemon = DaemonProcess(config.out / "daemon", config.out / "daemon.log",
-                           ["--selection-grace", "1", "--liveness-timeout", "60"])
+def run_grpc(
+    app: App, config: SimulationConfig, on_round: Callable[[RoundRecord], None]
+) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+    daemon = DaemonProcess(
+        config.out / "daemon", config.out / "daemon.log", ["--selection-grace", "1", "--liveness-timeout", "60"]
+    )
     address = daemon.start()
     log.info("daemon started on %s (log: %s)", address, daemon.log_path)
     clients: list[FederatedClient] = []
@@ -77,10 +91,15 @@ def run_grpc(app: App, config: SimulationConfig, on_round: Callable[[RoundRecord
         client_config = {**app.default_config, **config.client_config}
         with ControlClient(address) as control:
             run = control.create_run(
-                app=app.name, weights=app.initial_weights(config.seed), num_rounds=config.rounds,
-                clients_per_round=config.per_round, min_clients=config.per_round,
-                round_timeout_s=config.round_timeout_s, strategy=config.strategy,
-                strategy_params=config.strategy_params, client_config=client_config,
+                app=app.name,
+                weights=app.initial_weights(config.seed),
+                num_rounds=config.rounds,
+                clients_per_round=config.per_round,
+                min_clients=config.per_round,
+                round_timeout_s=config.round_timeout_s,
+                strategy=config.strategy,
+                strategy_params=config.strategy_params,
+                client_config=client_config,
                 name=f"sim seed {config.seed}",
             )
             for index in range(config.clients):
@@ -105,14 +124,18 @@ def run_grpc(app: App, config: SimulationConfig, on_round: Callable[[RoundRecord
         log.info("daemon stopped (exit code %s)", code)
 
 
-def _start_client(app: App, config: SimulationConfig, address: str, run_id: str, index: int,
-                  client_config: dict[str, object]) -> FederatedClient:
+def _start_client(
+    app: App, config: SimulationConfig, address: str, run_id: str, index: int, client_config: dict[str, object]
+) -> FederatedClient:
     train, test = app.partition(index, config.clients, config.partition, config.seed)
     batch_size = int(client_config.get("batch_size", 32))  # type: ignore[call-overload]
     torch.manual_seed(config.seed)
     trainer = TorchTrainer(
-        app.build_model(), loader(train, batch_size, True, client_seed(config.seed, 0, index)),
-        loader(test, 256, False, 0), optimizer=app.make_optimizer, loss_fn=app.loss_fn,
+        app.build_model(),
+        loader(train, batch_size, True, client_seed(config.seed, 0, index)),
+        loader(test, 256, False, 0),
+        optimizer=app.make_optimizer,
+        loss_fn=app.loss_fn,
     )
     client = FederatedClient(address, app.name, trainer, name=f"sim-{index}", run_id=run_id)
     client.start()
@@ -121,6 +144,11 @@ def _start_client(app: App, config: SimulationConfig, address: str, run_id: str,
 
 def _record(r: control_pb2.RoundSummary) -> RoundRecord:
     return RoundRecord(
-        round=r.round, num_clients=r.num_clients, num_examples=r.num_examples, train_loss=r.train_loss,
-        eval_loss=r.eval_loss, eval_accuracy=r.eval_accuracy, duration_seconds=r.duration_seconds,
+        round=r.round,
+        num_clients=r.num_clients,
+        num_examples=r.num_examples,
+        train_loss=r.train_loss,
+        eval_loss=r.eval_loss,
+        eval_accuracy=r.eval_accuracy,
+        duration_seconds=r.duration_seconds,
     )

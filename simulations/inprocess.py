@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -27,7 +28,9 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63)
 
 
-def run_inprocess(app: App, config: SimulationConfig, on_round: Progress) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+def run_inprocess(
+    app: App, config: SimulationConfig, on_round: Progress
+) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
     weights = app.initial_weights(config.seed)
     strategy = create_strategy(config.strategy, config.strategy_params)
     model = app.build_model()
@@ -45,7 +48,7 @@ def run_inprocess(app: App, config: SimulationConfig, on_round: Progress) -> tup
             load_weights(model, weights)
             optimizer = app.make_optimizer(model.parameters(), client_config)
             data = loader(train, batch_size, True, client_seed(config.seed, number, client))
-            examples, loss = train_epochs(model, lambda d=data: d, optimizer, epochs, app.loss_fn)
+            examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn)
             aggregate.add(ClientUpdate(snapshot(model), examples, {"train_loss": loss}))
         weights = aggregate.result()
         load_weights(model, weights)
@@ -57,9 +60,13 @@ def run_inprocess(app: App, config: SimulationConfig, on_round: Progress) -> tup
             eval_loss += result.loss * result.num_examples
             correct += result.metrics["accuracy"] * result.num_examples
         record = RoundRecord(
-            round=number, num_clients=aggregate.num_updates, num_examples=aggregate.num_examples,
-            train_loss=aggregate.metrics()["train_loss"], eval_loss=eval_loss / eval_examples,
-            eval_accuracy=correct / eval_examples, duration_seconds=time.perf_counter() - started,
+            round=number,
+            num_clients=aggregate.num_updates,
+            num_examples=aggregate.num_examples,
+            train_loss=aggregate.metrics()["train_loss"],
+            eval_loss=eval_loss / eval_examples,
+            eval_accuracy=correct / eval_examples,
+            duration_seconds=time.perf_counter() - started,
         )
         records.append(record)
         on_round(record)

@@ -47,9 +47,7 @@ def _check_num_partitions(num_partitions: int, num_examples: int) -> None:
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
     if num_partitions > num_examples:
-        raise ValueError(
-            f"cannot split {num_examples} examples into {num_partitions} non-empty partitions"
-        )
+        raise ValueError(f"cannot split {num_examples} examples into {num_partitions} non-empty partitions")
 
 
 @dataclass(frozen=True)
@@ -94,8 +92,7 @@ class DirichletPartitioner:
         _check_num_partitions(num_partitions, array.size)
         if self.min_size * num_partitions > array.size:
             raise ValueError(
-                f"cannot give each of {num_partitions} partitions at least "
-                f"{self.min_size} of {array.size} examples"
+                f"cannot give each of {num_partitions} partitions at least {self.min_size} of {array.size} examples"
             )
         rng = np.random.default_rng(seed)
         class_indices = [np.flatnonzero(array == c) for c in np.unique(array)]
@@ -145,11 +142,7 @@ def parse_partition_label(text: str) -> tuple[int, int]:
             raise ValueError
         index, total = int(index_text), int(total_text)
     except ValueError:
-        raise ValueError(
-            f"bad partition {text!r}; expected 'i/N' with integers 0 <= i < N, e.g. '2/4'"
-        ) from None
+        raise ValueError(f"bad partition {text!r}; expected 'i/N' with integers 0 <= i < N, e.g. '2/4'") from None
     if total < 1 or not 0 <= index < total:
-        raise ValueError(
-            f"bad partition {text!r}; need N >= 1 and 0 <= i < N, got i={index}, N={total}"
-        )
+        raise ValueError(f"bad partition {text!r}; need N >= 1 and 0 <= i < N, got i={index}, N={total}")
     return index, total

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from simulations.apps import load_app
 from simulations.config import SimulationConfig
-from simulations.report import RoundRecord, format_round_line, plot_metrics, render_round_table, write_metrics
+from simulations.report import RoundRecord, format_round_line, plot_metrics, write_metrics
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,19 @@ class SimulationResult:
         return self.records[-1].eval_accuracy
 
 
-def run_simulation(config: SimulationConfig, echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> SimulationResult:
+def run_simulation(
+    config: SimulationConfig, echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+) -> SimulationResult:
     config.validate()
     app = load_app(config.app)
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "run.json").write_text(json.dumps(
-        {**asdict(config), "out": str(config.out), "app_name": app.name}, indent=2, default=str))
-    echo(f"simulating {config.clients} clients of {app.name!r}, {config.rounds} rounds, "
-         f"{config.per_round} per round, backend {config.backend}, seed {config.seed}")
+    (config.out / "run.json").write_text(
+        json.dumps({**asdict(config), "out": str(config.out), "app_name": app.name}, indent=2, default=str)
+    )
+    echo(
+        f"simulating {config.clients} clients of {app.name!r}, {config.rounds} rounds, "
+        f"{config.per_round} per round, backend {config.backend}, seed {config.seed}"
+    )
     started = time.perf_counter()
     on_round = lambda record: echo(format_round_line(record, config.rounds))  # noqa: E731
     if config.backend == "grpc":
@@ -51,7 +56,9 @@ def run_simulation(config: SimulationConfig, echo: Callable[[str], None] = lambd
         records, weights = run_inprocess(app, config, on_round)
     seconds = time.perf_counter() - started
     metrics_path, _ = write_metrics(records, config.out)
-    plot_path = plot_metrics(records, config.out, f"{app.name}: {config.strategy}, {config.clients} clients ({config.backend})")
+    plot_path = plot_metrics(
+        records, config.out, f"{app.name}: {config.strategy}, {config.clients} clients ({config.backend})"
+    )
     model_path = config.out / "final.safetensors"
     save_file({k: v.contiguous() for k, v in weights.items()}, str(model_path))
     return SimulationResult(records, weights, metrics_path, plot_path, model_path, seconds)

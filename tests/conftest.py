@@ -16,8 +16,13 @@ DIGITS_APP = str(ROOT / "examples" / "digits")
 
 
 def start_daemon(data_dir: Path, **overrides: object) -> Daemon:
-    settings: dict[str, object] = {"address": "127.0.0.1:0", "data_dir": data_dir, "selection_grace_s": 0.5,
-                                   "shutdown_grace_s": 1.0, **overrides}
+    settings: dict[str, object] = {
+        "address": "127.0.0.1:0",
+        "data_dir": data_dir,
+        "selection_grace_s": 0.5,
+        "shutdown_grace_s": 1.0,
+        **overrides,
+    }
     daemon = Daemon(ServerConfig().with_overrides(settings))
     daemon.start()
     return daemon

@@ -17,23 +17,34 @@ from server.servicers.status import streaming, unary
 from server.store import RoundRecord, RunRecord
 
 STATUS_TO_PB = {
-    "pending": pb.PENDING, "running": pb.RUNNING, "completed": pb.COMPLETED,
-    "failed": pb.FAILED, "cancelled": pb.CANCELLED,
+    "pending": pb.PENDING,
+    "running": pb.RUNNING,
+    "completed": pb.COMPLETED,
+    "failed": pb.FAILED,
+    "cancelled": pb.CANCELLED,
 }
 WATCH_POLL_S = 1.0
 
 
 def run_to_pb(run: RunRecord) -> pb.Run:
     spec = pb.RunSpec(
-        app=run.app, strategy=run.strategy, num_rounds=run.num_rounds,
-        clients_per_round=run.clients_per_round, min_clients=run.min_clients,
-        round_timeout_seconds=run.round_timeout_s, name=run.name,
+        app=run.app,
+        strategy=run.strategy,
+        num_rounds=run.num_rounds,
+        clients_per_round=run.clients_per_round,
+        min_clients=run.min_clients,
+        round_timeout_seconds=run.round_timeout_s,
+        name=run.name,
     )
     fill_scalar_map(spec.strategy_params, run.strategy_params)
     fill_scalar_map(spec.client_config, run.client_config)
     return pb.Run(
-        run_id=run.id, spec=spec, status=STATUS_TO_PB[run.status], status_reason=run.status_reason,
-        committed_rounds=run.committed_rounds, created_at=run.created_at.isoformat(),
+        run_id=run.id,
+        spec=spec,
+        status=STATUS_TO_PB[run.status],
+        status_reason=run.status_reason,
+        committed_rounds=run.committed_rounds,
+        created_at=run.created_at.isoformat(),
         updated_at=run.updated_at.isoformat(),
     )
 
@@ -41,11 +52,14 @@ def run_to_pb(run: RunRecord) -> pb.Run:
 def round_to_pb(r: RoundRecord) -> pb.RoundSummary:
     nan = math.nan
     summary = pb.RoundSummary(
-        round=r.number, num_clients=r.num_clients, num_examples=r.num_examples,
+        round=r.number,
+        num_clients=r.num_clients,
+        num_examples=r.num_examples,
         train_loss=nan if r.train_loss is None else r.train_loss,
         eval_loss=nan if r.eval_loss is None else r.eval_loss,
         eval_accuracy=nan if r.eval_accuracy is None else r.eval_accuracy,
-        eval_clients=r.eval_clients, duration_seconds=r.duration_s,
+        eval_clients=r.eval_clients,
+        duration_seconds=r.duration_s,
     )
     fill_scalar_map(summary.metrics, {k: v for k, v in r.metrics.items() if isinstance(v, int | float | str | bool)})
     return summary
@@ -67,10 +81,15 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         s = first.spec
         try:
             spec = RunSpecInput(
-                app=s.app, strategy=s.strategy or "fedavg", strategy_params=scalar_map_to_dict(s.strategy_params),
-                num_rounds=s.num_rounds, clients_per_round=s.clients_per_round, min_clients=s.min_clients,
+                app=s.app,
+                strategy=s.strategy or "fedavg",
+                strategy_params=scalar_map_to_dict(s.strategy_params),
+                num_rounds=s.num_rounds,
+                clients_per_round=s.clients_per_round,
+                min_clients=s.min_clients,
                 round_timeout_s=s.round_timeout_seconds or 300.0,
-                client_config=scalar_map_to_dict(s.client_config), name=s.name,
+                client_config=scalar_map_to_dict(s.client_config),
+                name=s.name,
             )
             assembler = ModelAssembler(header.model_header, self.engine.config.stream_limits())
             for message in request_iterator:
@@ -110,8 +129,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                     sent[r.round] = wire
                     yield pb.RunEvent(run=run_to_pb(run), round=r)
             number, updates, selected = self.engine.progress(run.id)
-            progress = pb.RunEvent(run=run_to_pb(run), open_round=number, open_round_updates=updates,
-                                   open_round_selected=selected)
+            progress = pb.RunEvent(
+                run=run_to_pb(run), open_round=number, open_round_updates=updates, open_round_selected=selected
+            )
             if (wire := progress.SerializeToString()) != last_progress:
                 last_progress = wire
                 yield progress
@@ -119,8 +139,9 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 return
 
     @streaming
-    def DownloadCheckpoint(self, request: pb.DownloadCheckpointRequest,
-                           context: grpc.ServicerContext) -> Iterator[tensors_pb2.ModelChunk]:
+    def DownloadCheckpoint(
+        self, request: pb.DownloadCheckpointRequest, context: grpc.ServicerContext
+    ) -> Iterator[tensors_pb2.ModelChunk]:
         number = request.round if request.HasField("round") else None
         weights = self.engine.checkpoint_weights(request.run_id, number)
         yield from iter_model_chunks(weights, min(max(request.chunk_bytes or self.chunk_bytes, 64 << 10), 4 << 20))

@@ -33,10 +33,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        client_id, token = self.engine.join(request.protocol_version, request.app, request.name,
-                                            request.run_id, request.client_id, request.token)
+        client_id, token = self.engine.join(
+            request.protocol_version, request.app, request.name, request.run_id, request.client_id, request.token
+        )
         return pb.JoinResponse(
-            client_id=client_id, token=token, server_protocol_version=PROTOCOL_VERSION,
+            client_id=client_id,
+            token=token,
+            server_protocol_version=PROTOCOL_VERSION,
             heartbeat_interval_ms=int(self.engine.config.heartbeat_interval_s * 1000),
         )
 
@@ -49,19 +52,26 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
         answer = self.engine.get_task(caller(self.engine, context))
         if isinstance(answer, Idle):
-            return pb.GetTaskResponse(idle=pb.Idle(retry_after_ms=answer.retry_after_ms,
-                                                   active_runs=answer.active_runs, run_ended=answer.run_ended))
+            return pb.GetTaskResponse(
+                idle=pb.Idle(
+                    retry_after_ms=answer.retry_after_ms, active_runs=answer.active_runs, run_ended=answer.run_ended
+                )
+            )
         task = pb.Task(
-            task_id=answer.task_id, type=pb.EVALUATE if answer.kind == EVALUATE else pb.TRAIN,
-            run_id=answer.run_id, round=answer.round, model_round=answer.model_round,
+            task_id=answer.task_id,
+            type=pb.EVALUATE if answer.kind == EVALUATE else pb.TRAIN,
+            run_id=answer.run_id,
+            round=answer.round,
+            model_round=answer.model_round,
             deadline_seconds=max(0.0, answer.deadline - time.monotonic()),
         )
         fill_scalar_map(task.config, answer.config)
         return pb.GetTaskResponse(task=task)
 
     @streaming
-    def DownloadModel(self, request: pb.DownloadModelRequest,
-                      context: grpc.ServicerContext) -> Iterator[tensors_pb2.ModelChunk]:
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[tensors_pb2.ModelChunk]:
         weights = self.engine.task_model(caller(self.engine, context), request.task_id)
         chunk = min(max(request.chunk_bytes or self.chunk_bytes, MIN_CHUNK), MAX_CHUNK)
         yield tensors_pb2.ModelChunk(header=model_header(weights))
@@ -69,8 +79,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             yield tensors_pb2.ModelChunk(data=data)
 
     @unary
-    def UploadUpdate(self, request_iterator: Iterator[pb.UploadChunk],
-                     context: grpc.ServicerContext) -> pb.UploadResponse:
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext
+    ) -> pb.UploadResponse:
         client_id = caller(self.engine, context)
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
@@ -79,8 +90,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         return pb.UploadResponse(accepted=True)
 
     @unary
-    def ReportEvaluation(self, request: pb.EvaluationReport,
-                         context: grpc.ServicerContext) -> pb.EvaluationResponse:
+    def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationResponse:
         self.engine.report_evaluation(caller(self.engine, context), request)
         return pb.EvaluationResponse(accepted=True)
 

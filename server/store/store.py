@@ -99,10 +99,16 @@ def _run_record(row: RunRow) -> RunRecord:
 
 def _round_record(row: RoundRow) -> RoundRecord:
     return RoundRecord(
-        run_id=row.run_id, number=row.number, num_clients=row.num_clients,
-        num_examples=row.num_examples, train_loss=row.train_loss, eval_loss=row.eval_loss,
-        eval_accuracy=row.eval_accuracy, eval_clients=row.eval_clients,
-        duration_s=row.duration_s, metrics=dict(row.metrics),
+        run_id=row.run_id,
+        number=row.number,
+        num_clients=row.num_clients,
+        num_examples=row.num_examples,
+        train_loss=row.train_loss,
+        eval_loss=row.eval_loss,
+        eval_accuracy=row.eval_accuracy,
+        eval_clients=row.eval_clients,
+        duration_s=row.duration_s,
+        metrics=dict(row.metrics),
     )
 
 
@@ -143,8 +149,7 @@ class Store:
     def set_run_status(self, run_id: str, status: str, reason: str = "") -> None:
         with self._session() as s, s.begin():
             s.execute(
-                update(RunRow).where(RunRow.id == run_id)
-                .values(status=status, status_reason=reason, updated_at=now())
+                update(RunRow).where(RunRow.id == run_id).values(status=status, status_reason=reason, updated_at=now())
             )
 
     # rounds ---------------------------------------------------------------------------
@@ -161,11 +166,18 @@ class Store:
             s.add(RoundRow(**vars(round_), committed_at=now()))
             s.add(CheckpointRow(**vars(checkpoint), created_at=now()))
             for p in participations:
-                s.add(ParticipationRow(run_id=round_.run_id, round=round_.number,
-                                       client_id=p.client_id, num_examples=p.num_examples,
-                                       metrics=dict(p.metrics)))
-            values: dict[str, Any] = dict(committed_rounds=round_.number,
-                                          strategy_state=strategy_state, updated_at=now())
+                s.add(
+                    ParticipationRow(
+                        run_id=round_.run_id,
+                        round=round_.number,
+                        client_id=p.client_id,
+                        num_examples=p.num_examples,
+                        metrics=dict(p.metrics),
+                    )
+                )
+            values: dict[str, Any] = dict(
+                committed_rounds=round_.number, strategy_state=strategy_state, updated_at=now()
+            )
             if final_status:
                 values["status"] = final_status
             s.execute(update(RunRow).where(RunRow.id == round_.run_id).values(**values))
@@ -175,7 +187,8 @@ class Store:
     ) -> None:
         with self._session() as s, s.begin():
             s.execute(
-                update(RoundRow).where(RoundRow.run_id == run_id, RoundRow.number == number)
+                update(RoundRow)
+                .where(RoundRow.run_id == run_id, RoundRow.number == number)
                 .values(eval_loss=loss, eval_accuracy=accuracy, eval_clients=clients)
             )
 
@@ -186,9 +199,11 @@ class Store:
 
     def participations(self, run_id: str, number: int) -> list[Participation]:
         with self._session() as s:
-            query = select(ParticipationRow).where(
-                ParticipationRow.run_id == run_id, ParticipationRow.round == number
-            ).order_by(ParticipationRow.client_id)
+            query = (
+                select(ParticipationRow)
+                .where(ParticipationRow.run_id == run_id, ParticipationRow.round == number)
+                .order_by(ParticipationRow.client_id)
+            )
             return [Participation(r.client_id, r.num_examples, dict(r.metrics)) for r in s.scalars(query)]
 
     def checkpoint(self, run_id: str, number: int | None = None) -> CheckpointRecord | None:

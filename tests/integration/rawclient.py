@@ -37,17 +37,33 @@ class RawClient:
     def upload_messages(self, messages: Iterator[pb.UploadChunk] | list[pb.UploadChunk]) -> pb.UploadResponse:
         return self.stub.UploadUpdate(iter(messages), metadata=self.metadata, timeout=10)
 
-    def upload(self, task: pb.Task, weights: dict[str, torch.Tensor], num_examples: int = 1,
-               header_overrides: dict[str, object] | None = None, chunk_bytes: int = 8) -> pb.UploadResponse:
+    def upload(
+        self,
+        task: pb.Task,
+        weights: dict[str, torch.Tensor],
+        num_examples: int = 1,
+        header_overrides: dict[str, object] | None = None,
+        chunk_bytes: int = 8,
+    ) -> pb.UploadResponse:
         return self.upload_messages(update_messages(task, weights, num_examples, header_overrides, chunk_bytes))
 
     def close(self) -> None:
         self.channel.close()
 
 
-def update_messages(task: pb.Task, weights: dict[str, torch.Tensor], num_examples: int = 1,
-                    header_overrides: dict[str, object] | None = None, chunk_bytes: int = 8) -> list[pb.UploadChunk]:
-    fields: dict[str, object] = {"task_id": task.task_id, "run_id": task.run_id, "round": task.round,
-                                 "num_examples": num_examples, **(header_overrides or {})}
+def update_messages(
+    task: pb.Task,
+    weights: dict[str, torch.Tensor],
+    num_examples: int = 1,
+    header_overrides: dict[str, object] | None = None,
+    chunk_bytes: int = 8,
+) -> list[pb.UploadChunk]:
+    fields: dict[str, object] = {
+        "task_id": task.task_id,
+        "run_id": task.run_id,
+        "round": task.round,
+        "num_examples": num_examples,
+        **(header_overrides or {}),
+    }
     header = pb.UploadHeader(model=model_header(weights), **fields)  # type: ignore[arg-type]
     return [pb.UploadChunk(header=header)] + [pb.UploadChunk(data=d) for d in iter_tensor_data(weights, chunk_bytes)]

@@ -13,9 +13,8 @@ import grpc
 import pytest
 import torch
 
-from protos.v1 import control_pb2, control_pb2_grpc, tensors_pb2
+from protos.v1 import control_pb2, control_pb2_grpc, fleet_pb2_grpc, tensors_pb2
 from protos.v1 import fleet_pb2 as pb
-from protos.v1 import fleet_pb2_grpc
 from server.control_client import ControlClient, ControlError, status_name
 from tests.conftest import tiny_weights
 from tests.integration.rawclient import RawClient, update_messages
@@ -24,8 +23,9 @@ from tests.integration.rawclient import RawClient, update_messages
 @pytest.fixture
 def round_open(daemon):
     with ControlClient(daemon.address) as control:
-        run = control.create_run(app="tiny", weights=tiny_weights(), num_rounds=1, clients_per_round=2,
-                                 min_clients=2, round_timeout_s=60)
+        run = control.create_run(
+            app="tiny", weights=tiny_weights(), num_rounds=1, clients_per_round=2, min_clients=2, round_timeout_s=60
+        )
         good, bad = RawClient(daemon.address, name="good"), RawClient(daemon.address, name="bad")
         yield control, run, good, good.wait_task(), bad, bad.wait_task()
         good.close()
@@ -44,16 +44,36 @@ def test_each_bad_upload_gets_its_status_and_the_round_still_commits_exactly(rou
     cases = {
         "wrong name": ({"w": base["w"], "bias": base["b"]}, {}, grpc.StatusCode.INVALID_ARGUMENT, "names differ"),
         "wrong shape": ({"w": torch.zeros(2, 3), "b": base["b"]}, {}, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
-        "wrong dtype": ({"w": base["w"].double(), "b": base["b"]}, {}, grpc.StatusCode.INVALID_ARGUMENT, "dtype FLOAT64"),
-        "nan": ({"w": torch.full((3, 2), float("nan")), "b": base["b"]}, {}, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf values in w"),
-        "inf": ({"w": base["w"], "b": torch.tensor([0.0, float("inf"), 0.0])}, {}, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf values in b"),
+        "wrong dtype": (
+            {"w": base["w"].double(), "b": base["b"]},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dtype FLOAT64",
+        ),
+        "nan": (
+            {"w": torch.full((3, 2), float("nan")), "b": base["b"]},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or Inf values in w",
+        ),
+        "inf": (
+            {"w": base["w"], "b": torch.tensor([0.0, float("inf"), 0.0])},
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or Inf values in b",
+        ),
         "zero examples": (base, {"num_examples": 0}, grpc.StatusCode.INVALID_ARGUMENT, "num_examples"),
         "round not assigned": (base, {"round": 7}, grpc.StatusCode.PERMISSION_DENIED, "not assigned"),
-        "another client's task": (base, {"task_id": good_task.task_id}, grpc.StatusCode.PERMISSION_DENIED, "not assigned"),
+        "another client's task": (
+            base,
+            {"task_id": good_task.task_id},
+            grpc.StatusCode.PERMISSION_DENIED,
+            "not assigned",
+        ),
         "unknown run": (base, {"run_id": "run-nope"}, grpc.StatusCode.NOT_FOUND, "unknown run"),
     }
     for name, (weights, overrides, code, text) in cases.items():
-        got_code, details = status_of(lambda: bad.upload(bad_task, weights, 5, overrides))
+        got_code, details = status_of(lambda w=weights, o=overrides: bad.upload(bad_task, w, 5, o))
         assert (got_code, text in details) == (code, True), f"{name}: {got_code} {details}"
 
     messages = update_messages(bad_task, base, 5)
@@ -88,11 +108,13 @@ def test_each_bad_upload_gets_its_status_and_the_round_still_commits_exactly(rou
     dup = status_of(lambda: bad.upload(bad_task, bad_w, 3))
     assert dup[0] == grpc.StatusCode.ALREADY_EXISTS and "already accepted" in dup[1]
 
-    for client, task in ((good, good_task), (bad, bad_task)):
+    for client in (good, bad):
         eval_task = client.wait_task()
         assert eval_task.type == pb.EVALUATE and eval_task.round == 1
-        client.stub.ReportEvaluation(pb.EvaluationReport(task_id=eval_task.task_id, run_id=run.run_id, round=1,
-                                                         num_examples=10, loss=0.5), metadata=client.metadata)
+        client.stub.ReportEvaluation(
+            pb.EvaluationReport(task_id=eval_task.task_id, run_id=run.run_id, round=1, num_examples=10, loss=0.5),
+            metadata=client.metadata,
+        )
     detail = wait_for_status(control, run.run_id, "completed")
     assert [(r.round, r.num_clients, r.num_examples) for r in detail.rounds] == [(1, 2, 4)]
     final = control.download(run.run_id)
@@ -109,8 +131,9 @@ def test_join_refuses_other_protocols_and_unknown_runs(daemon):
     assert "v2" in details and "v1" in details
     code, _ = status_of(lambda: stub.GetTask(pb.GetTaskRequest(), timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    code, details = status_of(lambda: stub.Join(pb.JoinRequest(protocol_version=1, app="tiny", run_id="run-nope"),
-                                                timeout=5))
+    code, details = status_of(
+        lambda: stub.Join(pb.JoinRequest(protocol_version=1, app="tiny", run_id="run-nope"), timeout=5)
+    )
     assert code == grpc.StatusCode.NOT_FOUND and "run-nope" in details
     channel.close()
 
@@ -128,14 +151,25 @@ def test_control_api_rejects_unknown_runs_and_bad_specs(daemon):
             ({"min_clients": 5}, "min clients"),
             ({"num_rounds": 0}, "rounds"),
         ):
-            spec = {"app": "tiny", "weights": tiny_weights(), "num_rounds": 1, "clients_per_round": 2,
-                    "min_clients": 1, **kwargs}
+            spec = {
+                "app": "tiny",
+                "weights": tiny_weights(),
+                "num_rounds": 1,
+                "clients_per_round": 2,
+                "min_clients": 1,
+                **kwargs,
+            }
             with pytest.raises(ControlError) as info:
                 control.create_run(**spec)
             assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and text in str(info.value)
         with pytest.raises(ControlError) as info:
-            control.create_run(app="tiny", weights={"w": torch.tensor([float("nan")])}, num_rounds=1,
-                               clients_per_round=1, min_clients=1)
+            control.create_run(
+                app="tiny",
+                weights={"w": torch.tensor([float("nan")])},
+                num_rounds=1,
+                clients_per_round=1,
+                min_clients=1,
+            )
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         # A CreateRun stream without a spec.
         stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(daemon.address))
@@ -158,8 +192,9 @@ def wait_for_status(control: ControlClient, run_id: str, status: str, timeout: f
 
 def test_deadline_closes_a_round_with_the_quorum_and_a_straggler_hears_round_closed(daemon):
     with ControlClient(daemon.address) as control:
-        run = control.create_run(app="tiny", weights=tiny_weights(), num_rounds=2, clients_per_round=2,
-                                 min_clients=1, round_timeout_s=1.0)
+        run = control.create_run(
+            app="tiny", weights=tiny_weights(), num_rounds=2, clients_per_round=2, min_clients=1, round_timeout_s=1.0
+        )
         fast, slow = RawClient(daemon.address, name="fast"), RawClient(daemon.address, name="slow")
         fast_task, slow_task = fast.wait_task(), slow.wait_task()
         assert fast.upload(fast_task, {"w": torch.ones(3, 2), "b": torch.ones(3)}, 2).accepted
@@ -180,8 +215,14 @@ def test_a_round_without_quorum_is_retried_then_the_run_fails_with_the_reason(tm
     d = start_daemon(tmp_path / "data", max_round_attempts=2)
     try:
         with ControlClient(d.address) as control:
-            run = control.create_run(app="tiny", weights=tiny_weights(), num_rounds=1, clients_per_round=1,
-                                     min_clients=1, round_timeout_s=0.5)
+            run = control.create_run(
+                app="tiny",
+                weights=tiny_weights(),
+                num_rounds=1,
+                clients_per_round=1,
+                min_clients=1,
+                round_timeout_s=0.5,
+            )
             silent = RawClient(d.address, name="silent")
             first = silent.wait_task()
             assert silent.wait_task().task_id == first.task_id  # asking again returns the same task

@@ -31,16 +31,37 @@ def test_operator_flow_survives_a_restart(tmp_path: Path) -> None:
     daemon = DaemonProcess(data, tmp_path / "daemon1.log")
     address = daemon.start()
     try:
-        created = cli("run", "create", "--server", address, "--app", "examples/digits", "--rounds", "5",
-                      "--clients-per-round", "4", "--min-clients", "4", "--set", "local_epochs=2")
+        created = cli(
+            "run",
+            "create",
+            "--server",
+            address,
+            "--app",
+            "examples/digits",
+            "--rounds",
+            "5",
+            "--clients-per-round",
+            "4",
+            "--min-clients",
+            "4",
+            "--set",
+            "local_epochs=2",
+        )
         assert created.returncode == 0, created.stderr
         run_id = created.stdout.strip()
         assert run_id.startswith("run-") and "\n" not in run_id  # the id alone on stdout
         assert "created run" in created.stderr
 
-        clients = [subprocess.Popen([*LEPTONFL, "client", "--server", address, "--app", "examples/digits",
-                                     "--partition", f"{i}/4"], cwd=ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for i in range(4)]
+        clients = [
+            subprocess.Popen(
+                [*LEPTONFL, "client", "--server", address, "--app", "examples/digits", "--partition", f"{i}/4"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(4)
+        ]
         for proc in clients:
             out, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err[-3000:]
@@ -86,14 +107,21 @@ def test_server_address_comes_from_the_environment(tmp_path: Path) -> None:
     address = daemon.start()
     try:
         env = {**os.environ, "LEPTONFL_SERVER": address}
-        listed = subprocess.run([*LEPTONFL, "run", "list", "--json"], capture_output=True, text=True,
-                                env=env, timeout=60, cwd=ROOT)
+        listed = subprocess.run(
+            [*LEPTONFL, "run", "list", "--json"], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT
+        )
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout) == []
     finally:
         daemon.stop()
-    unreachable = subprocess.run([*LEPTONFL, "run", "list"], capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "LEPTONFL_SERVER": address}, cwd=ROOT)
+    unreachable = subprocess.run(
+        [*LEPTONFL, "run", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LEPTONFL_SERVER": address},
+        cwd=ROOT,
+    )
     assert unreachable.returncode == 1 and "no Lepton FL server reachable" in unreachable.stderr
 
 

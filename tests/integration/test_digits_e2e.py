@@ -15,9 +15,15 @@ from tests.conftest import DIGITS_APP
 def test_fedavg_run_over_grpc_commits_every_round_and_learns(daemon):
     app = load_app(DIGITS_APP)
     with ControlClient(daemon.address) as control:
-        run = control.create_run(app=app.name, weights=app.initial_weights(0), num_rounds=3,
-                                 clients_per_round=3, min_clients=3, round_timeout_s=60,
-                                 client_config={**app.default_config, "local_epochs": 2})
+        run = control.create_run(
+            app=app.name,
+            weights=app.initial_weights(0),
+            num_rounds=3,
+            clients_per_round=3,
+            min_clients=3,
+            round_timeout_s=60,
+            client_config={**app.default_config, "local_epochs": 2},
+        )
         clients = []
         for i in range(3):
             train, test = app.partition(i, 3)

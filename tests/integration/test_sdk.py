@@ -55,9 +55,7 @@ def initial_weights() -> dict[str, torch.Tensor]:
 def tiny_trainer(seed: int = 0) -> TorchTrainer:
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(32, 2, generator=g), torch.randint(0, 3, (32,), generator=g))
-    return TorchTrainer(
-        tiny_model(seed), DataLoader(data, batch_size=8), DataLoader(data, batch_size=32)
-    )
+    return TorchTrainer(tiny_model(seed), DataLoader(data, batch_size=8), DataLoader(data, batch_size=32))
 
 
 class BoomTrainer:
@@ -126,9 +124,7 @@ def run_bounded(client: FederatedClient, timeout: float) -> ClientStats:
 
 
 def live_sdk_threads() -> list[str]:
-    return [
-        t.name for t in threading.enumerate() if t.is_alive() and t.name.startswith("leptonfl-")
-    ]
+    return [t.name for t in threading.enumerate() if t.is_alive() and t.name.startswith("leptonfl-")]
 
 
 # fixtures ---------------------------------------------------------------------------------
@@ -139,9 +135,7 @@ def clients() -> Iterator[Callable[..., FederatedClient]]:
 
     def make(server: str, trainer: Any = None, **kwargs: Any) -> FederatedClient:
         kwargs.setdefault("backoff", FAST)
-        client = FederatedClient(
-            server, APP, trainer if trainer is not None else tiny_trainer(), **kwargs
-        )
+        client = FederatedClient(server, APP, trainer if trainer is not None else tiny_trainer(), **kwargs)
         made.append(client)
         return client
 
@@ -166,9 +160,7 @@ def daemons() -> Iterator[Callable[..., Daemon]]:
 
 
 # 1. reconnect with backoff ----------------------------------------------------------------
-def test_client_started_before_the_server_connects_once_it_appears_and_trains(
-    tmp_path, clients, daemons
-):
+def test_client_started_before_the_server_connects_once_it_appears_and_trains(tmp_path, clients, daemons):
     port = free_port()
     address = f"127.0.0.1:{port}"
     trainer = tiny_trainer()
@@ -257,9 +249,7 @@ def test_unreachable_server_raises_connection_failed_after_the_backoff_timeout(c
 
 # 3. stop() --------------------------------------------------------------------------------
 def test_stop_interrupts_a_client_waiting_for_the_server(clients):
-    client = clients(
-        f"127.0.0.1:{free_port()}", backoff=Backoff(initial=30.0, maximum=60.0, jitter=0.0)
-    )
+    client = clients(f"127.0.0.1:{free_port()}", backoff=Backoff(initial=30.0, maximum=60.0, jitter=0.0))
     client.start()
     time.sleep(0.5)  # first Join refused; now in the 30 s backoff wait
     assert "leptonfl-client" in live_sdk_threads()
@@ -278,9 +268,7 @@ def test_stop_interrupts_a_client_waiting_for_the_server(clients):
 def test_protocol_mismatch_is_a_typed_error_naming_both_versions(daemon, monkeypatch, clients):
     # Simulates a client built for another protocol version (the server's constant is untouched).
     monkeypatch.setattr(client_sdk.transport, "PROTOCOL_VERSION", 99)
-    transport = FleetTransport(
-        daemon.address, APP, backoff=Backoff(initial=0.05, maximum=0.1, timeout=5)
-    )
+    transport = FleetTransport(daemon.address, APP, backoff=Backoff(initial=0.05, maximum=0.1, timeout=5))
     try:
         started = time.monotonic()
         with pytest.raises(ProtocolMismatch) as info:
@@ -298,9 +286,7 @@ def test_protocol_mismatch_is_a_typed_error_naming_both_versions(daemon, monkeyp
 
 
 # 5. TrainingError -------------------------------------------------------------------------
-def test_trainer_exception_becomes_training_error_and_the_run_still_completes(
-    tmp_path, clients, daemons
-):
+def test_trainer_exception_becomes_training_error_and_the_run_still_completes(tmp_path, clients, daemons):
     # A short liveness timeout makes the crashed client drop out of selection before the retry,
     # so the retried round deterministically goes to the healthy client.
     daemon = daemons(tmp_path / "d", heartbeat_interval_s=0.3, liveness_timeout_s=1.5)
@@ -342,9 +328,7 @@ def test_client_joins_again_when_a_fresh_server_does_not_know_it(tmp_path, clien
     assert run_status(address, run.run_id) == "completed"
 
 
-def test_client_keeps_its_identity_across_a_restart_on_the_same_data_dir(
-    tmp_path, clients, daemons
-):
+def test_client_keeps_its_identity_across_a_restart_on_the_same_data_dir(tmp_path, clients, daemons):
     first = daemons(tmp_path / "d")
     address = first.address
     client = clients(address, name="steady")

@@ -16,8 +16,13 @@ from tests.conftest import DIGITS_APP, ROOT
 
 
 def sim(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "leptonfl", "sim", "--app", "examples/digits", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "leptonfl", "sim", "--app", "examples/digits", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -42,15 +47,26 @@ def test_grpc_sim_with_20_clients(tmp_path: Path) -> None:
     done = sim(tmp_path, "--backend", "grpc", "--clients", "20", "--rounds", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_metrics(tmp_path)
-    assert [(r["round"], r["num_clients"], r["num_examples"]) for r in rows] == [(1, 20, 1437), (2, 20, 1437), (3, 20, 1437)]
+    assert [(r["round"], r["num_clients"], r["num_examples"]) for r in rows] == [
+        (1, 20, 1437),
+        (2, 20, 1437),
+        (3, 20, 1437),
+    ]
     assert rows[-1]["eval_accuracy"] > 0.8
     assert "daemon stopped (exit code 0)" in done.stderr
 
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path: Path) -> None:
     def final(seed: int, out: str) -> dict[str, torch.Tensor]:
-        config = SimulationConfig(app=DIGITS_APP, clients=10, rounds=2, clients_per_round=4,
-                                  partition="dirichlet:0.5", seed=seed, out=tmp_path / out)
+        config = SimulationConfig(
+            app=DIGITS_APP,
+            clients=10,
+            rounds=2,
+            clients_per_round=4,
+            partition="dirichlet:0.5",
+            seed=seed,
+            out=tmp_path / out,
+        )
         return run_simulation(config, echo=lambda _: None).weights
 
     a, b, c = final(3, "a"), final(3, "b"), final(4, "c")

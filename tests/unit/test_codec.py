@@ -206,9 +206,7 @@ chunk_sizes = st.one_of(st.integers(min_value=1, max_value=64), st.sampled_from(
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(model=models, chunk_bytes=chunk_sizes)
-def test_round_trip_random_models(
-    model: list[tuple[tuple[int, ...], torch.dtype, int]], chunk_bytes: int
-) -> None:
+def test_round_trip_random_models(model: list[tuple[tuple[int, ...], torch.dtype, int]], chunk_bytes: int) -> None:
     weights = {f"layer{i}.w": make_tensor(s, d, seed) for i, (s, d, seed) in enumerate(model)}
     chunks = list(iter_model_chunks(weights, chunk_bytes))
     assert all(len(c.data.data) <= chunk_bytes for c in chunks[1:])
@@ -291,9 +289,7 @@ def test_model_over_size_limit_is_refused_at_the_header_before_any_data() -> Non
         assemble(stream(), StreamLimits(max_total_bytes=15))
     assert len(pulled) == 1 and pulled[0].HasField("header")
     # exactly at the limit is accepted
-    assert_same_model(
-        assemble(iter_model_chunks(weights, 1), StreamLimits(max_total_bytes=16)), weights
-    )
+    assert_same_model(assemble(iter_model_chunks(weights, 1), StreamLimits(max_total_bytes=16)), weights)
 
 
 def test_huge_announced_tensor_is_refused_without_allocating() -> None:
@@ -318,26 +314,20 @@ TWO = {
 
 def test_out_of_order_chunk() -> None:
     chunks = chunks_of(TWO, 3)
-    with pytest.raises(
-        CodecError, match=r"out-of-order chunk: expected tensor 0 offset 0, got tensor 0 offset 3"
-    ):
+    with pytest.raises(CodecError, match=r"out-of-order chunk: expected tensor 0 offset 0, got tensor 0 offset 3"):
         assemble([chunks[0], *chunks[2:]])
 
 
 def test_chunk_for_the_wrong_tensor() -> None:
     header, *data = chunks_of(TWO, 16)
     assert [d.data.tensor_index for d in data] == [0, 1]
-    with pytest.raises(
-        CodecError, match=r"out-of-order chunk: expected tensor 0 offset 0, got tensor 1 offset 0"
-    ):
+    with pytest.raises(CodecError, match=r"out-of-order chunk: expected tensor 0 offset 0, got tensor 1 offset 0"):
         assemble([header, data[1], data[0]])
 
 
 def test_repeated_chunk() -> None:
     chunks = chunks_of(TWO, 3)
-    with pytest.raises(
-        CodecError, match=r"out-of-order chunk: expected tensor 0 offset 3, got tensor 0 offset 0"
-    ):
+    with pytest.raises(CodecError, match=r"out-of-order chunk: expected tensor 0 offset 3, got tensor 0 offset 0"):
         assemble([chunks[0], chunks[1], chunks[1], *chunks[2:]])
 
 
@@ -441,23 +431,17 @@ def test_check_same_specs_wrong_name() -> None:
 
 def test_check_same_specs_wrong_dtype() -> None:
     update = {"w": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(3)}
-    with pytest.raises(
-        CodecError, match=r"tensor 'w' has dtype FLOAT64, the global model has FLOAT32"
-    ):
+    with pytest.raises(CodecError, match=r"tensor 'w' has dtype FLOAT64, the global model has FLOAT32"):
         check_same_specs(model_header(update), model_header(GLOBAL))
 
 
 def test_check_same_specs_wrong_shape() -> None:
     update = {"w": torch.zeros(3, 2), "b": torch.zeros(3)}
-    with pytest.raises(
-        CodecError, match=r"tensor 'w' has shape \[3, 2\], the global model has \[2, 3\]"
-    ):
+    with pytest.raises(CodecError, match=r"tensor 'w' has shape \[3, 2\], the global model has \[2, 3\]"):
         check_same_specs(model_header(update), model_header(GLOBAL))
     # same element count, different rank
     update = {"w": torch.zeros(6), "b": torch.zeros(3)}
-    with pytest.raises(
-        CodecError, match=r"tensor 'w' has shape \[6\], the global model has \[2, 3\]"
-    ):
+    with pytest.raises(CodecError, match=r"tensor 'w' has shape \[6\], the global model has \[2, 3\]"):
         check_same_specs(model_header(update), model_header(GLOBAL))
 
 

@@ -76,8 +76,7 @@ def test_exact_weighted_mean_non_dyadic_total() -> None:
     # hand-computed: [(3+2+0)/6, (-1+2+12)/6, (0+4+3)/6, (7-10+3)/6] = [5/6, 13/6, 7/6, 0]
     assert exact_fedavg(values, counts) == [5 / 6, 13 / 6, 7 / 6, 0.0]
     updates = [
-        ClientUpdate({"p": torch.tensor(v, dtype=torch.float64)}, n)
-        for v, n in zip(values, counts, strict=True)
+        ClientUpdate({"p": torch.tensor(v, dtype=torch.float64)}, n) for v, n in zip(values, counts, strict=True)
     ]
     assert aggregate(updates).result()["p"].tolist() == [5 / 6, 13 / 6, 7 / 6, 0.0]
 
@@ -158,12 +157,12 @@ def test_integer_buffers_round_to_nearest() -> None:
 def test_num_batches_tracked_style_scalar_int_buffer() -> None:
     # (1·100 + 2·103) / 3 = 306/3 = 102 exactly; (1·100 + 2·104) / 3 = 308/3 = 102.67 -> 103
     t = {"bn.num_batches_tracked": torch.tensor(100)}
-    out1 = aggregate(
-        [ClientUpdate(t, 1), ClientUpdate({"bn.num_batches_tracked": torch.tensor(103)}, 2)]
-    ).result()["bn.num_batches_tracked"]
-    out2 = aggregate(
-        [ClientUpdate(t, 1), ClientUpdate({"bn.num_batches_tracked": torch.tensor(104)}, 2)]
-    ).result()["bn.num_batches_tracked"]
+    out1 = aggregate([ClientUpdate(t, 1), ClientUpdate({"bn.num_batches_tracked": torch.tensor(103)}, 2)]).result()[
+        "bn.num_batches_tracked"
+    ]
+    out2 = aggregate([ClientUpdate(t, 1), ClientUpdate({"bn.num_batches_tracked": torch.tensor(104)}, 2)]).result()[
+        "bn.num_batches_tracked"
+    ]
     assert out1.shape == () and out1.dtype == torch.int64 and out1.item() == 102
     assert out2.item() == 103
 
@@ -257,9 +256,7 @@ def test_requires_grad_inputs_are_detached() -> None:
 
 def test_weighted_metric_means() -> None:
     updates = [
-        ClientUpdate(
-            {"x": torch.zeros(1)}, 1, {"loss": 1.0, "acc": 0.5, "name": "a", "flag": True}
-        ),
+        ClientUpdate({"x": torch.zeros(1)}, 1, {"loss": 1.0, "acc": 0.5, "name": "a", "flag": True}),
         ClientUpdate({"x": torch.zeros(1)}, 3, {"loss": 4.0, "acc": 1.0, "steps": 10}),
         ClientUpdate({"x": torch.zeros(1)}, 4, {"loss": 2.0}),
     ]
@@ -360,9 +357,7 @@ def test_unknown_strategy_name_lists_choices() -> None:
 
 
 def test_unknown_parameters_list_accepted_ones() -> None:
-    with pytest.raises(
-        ValueError, match=r"strategy 'fedavg' takes no parameters, not \['lr', 'mu'\]"
-    ):
+    with pytest.raises(ValueError, match=r"strategy 'fedavg' takes no parameters, not \['lr', 'mu'\]"):
         create_strategy("fedavg", {"mu": 0.1, "lr": 1.0})
 
 
@@ -386,9 +381,7 @@ def test_registry_with_a_parameterised_strategy() -> None:
     assert "test-prox" in strategy_names() and "fedavg" in strategy_names()
     s = create_strategy("test-prox", {"mu": 0.5})
     assert isinstance(s, Prox) and (s.mu, s.server_lr) == (0.5, 1.0)
-    with pytest.raises(
-        ValueError, match=r"strategy 'test-prox' takes \['mu', 'server_lr'\], not \['nu'\]"
-    ):
+    with pytest.raises(ValueError, match=r"strategy 'test-prox' takes \['mu', 'server_lr'\], not \['nu'\]"):
         create_strategy("test-prox", {"mu": 0.5, "nu": 1})
     with pytest.raises(ValueError, match=r"choose one of .*\bfedavg\b.*\btest-prox\b"):
         create_strategy("nope")

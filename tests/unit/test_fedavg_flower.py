@@ -35,8 +35,7 @@ def client_data(seed: int) -> tuple[list[list[np.ndarray]], list[int]]:
     counts = [int(n) for n in rng.integers(1, 600, size=NUM_CLIENTS)]
     assert len(set(counts)) > 1  # the weighting must matter
     arrays = [
-        [rng.uniform(-2.0, 2.0, size=shape).astype(np.float32) for shape in SHAPES.values()]
-        for _ in range(NUM_CLIENTS)
+        [rng.uniform(-2.0, 2.0, size=shape).astype(np.float32) for shape in SHAPES.values()] for _ in range(NUM_CLIENTS)
     ]
     return arrays, counts
 
@@ -93,9 +92,7 @@ def fit_results(arrays: list[list[np.ndarray]], counts: list[int]) -> list[tuple
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_flower_aggregate_function(seed: int) -> None:
     arrays, counts = client_data(seed)
-    theirs = flower_aggregate(
-        [([a.copy() for a in layers], n) for layers, n in zip(arrays, counts, strict=True)]
-    )
+    theirs = flower_aggregate([([a.copy() for a in layers], n) for layers, n in zip(arrays, counts, strict=True)])
     assert_close(ours(arrays, counts), theirs, TOL)
 
 

@@ -68,9 +68,7 @@ def test_same_seed_same_split_other_seed_differs(spec: str) -> None:
     other = partitioner.split(LABELS, 10, seed=43)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert any(
-        a.size != b.size or not np.array_equal(a, b) for a, b in zip(first, other, strict=True)
-    )
+    assert any(a.size != b.size or not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_small_alpha_skews_labels_more_than_iid() -> None:
@@ -135,9 +133,7 @@ def test_parse_partitioner_rejects_bad_specs(spec: str) -> None:
         parse_partitioner(spec)
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"), [("2/4", (2, 4)), ("0/1", (0, 1)), ("9/10", (9, 10))]
-)
+@pytest.mark.parametrize(("text", "expected"), [("2/4", (2, 4)), ("0/1", (0, 1)), ("9/10", (9, 10))])
 def test_parse_partition_label(text: str, expected: tuple[int, int]) -> None:
     assert parse_partition_label(text) == expected
 

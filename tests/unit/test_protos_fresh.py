@@ -6,10 +6,7 @@ from pathlib import Path
 
 from protos.generate import ROOT, generate, generated_files, proto_sources
 
-FIX = (
-    "the generated protobuf code is stale: run `make proto` "
-    "(python -m protos.generate) and commit the result"
-)
+FIX = "the generated protobuf code is stale: run `make proto` (python -m protos.generate) and commit the result"
 
 
 def test_committed_generated_files_are_fresh(tmp_path: Path) -> None:
@@ -30,9 +27,7 @@ def test_committed_generated_files_are_fresh(tmp_path: Path) -> None:
     )
     assert not missing and not extra, f"{FIX}; missing {missing}, no longer generated {extra}"
 
-    stale = sorted(
-        name for name in fresh if fresh[name].read_bytes() != committed[name].read_bytes()
-    )
+    stale = sorted(name for name in fresh if fresh[name].read_bytes() != committed[name].read_bytes())
     assert not stale, f"{FIX}; differing files: {stale}"
 
 

@@ -129,8 +129,6 @@ def test_table_with_no_rounds_is_just_the_header() -> None:
 
 def test_format_round_line() -> None:
     record = RoundRecord(3, 20, 1437, 0.41234, 0.3, 0.917, 1.23)
-    assert format_round_line(record, 10) == (
-        "round 3/10: 20 clients, train_loss 0.4123, accuracy 0.9170 (1.2 s)"
-    )
+    assert format_round_line(record, 10) == ("round 3/10: 20 clients, train_loss 0.4123, accuracy 0.9170 (1.2 s)")
     nan_record = RoundRecord(1, 5, 50, math.nan, 0.3, 0.5, 0.04)
     assert "train_loss nan" in format_round_line(nan_record, 2)
