@@ -34,7 +34,8 @@ class TorchTrainer:
     """Wraps an `nn.Module`, its data and a training recipe.
 
     The server's task config may override the recipe per run: `local_epochs` replaces
-    `epochs`, and the whole config reaches `optimizer` (so `lr` can come from the run).
+    `epochs`, `proximal_mu` turns on FedProx's proximal term, and the whole config reaches
+    `optimizer` (so `lr` can come from the run).
     """
 
     def __init__(
@@ -59,7 +60,8 @@ class TorchTrainer:
         load_weights(self.model, weights)
         epochs = int(config.get("local_epochs", self.epochs))
         optimizer = self.optimizer(self.model.parameters(), config)
-        examples, loss = train_epochs(self.model, lambda: self.train_loader, optimizer, epochs, self.loss_fn)
+        mu = float(config.get("proximal_mu", 0.0))
+        examples, loss = train_epochs(self.model, lambda: self.train_loader, optimizer, epochs, self.loss_fn, mu)
         if examples == 0:
             raise ValueError("the training data is empty")
         return FitResult(snapshot(self.model), examples, {"train_loss": loss})

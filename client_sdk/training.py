@@ -61,16 +61,27 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     loss_fn: LossFn,
+    proximal_mu: float = 0.0,
 ) -> tuple[int, float]:
-    """Run `epochs` passes; returns (examples seen per epoch, mean loss over the last epoch)."""
+    """Run `epochs` passes; returns (examples seen per epoch, mean data loss over the last epoch).
+
+    With `proximal_mu` > 0 this is FedProx's local objective (Li et al. 2020): the loss gains
+    (μ/2)‖w − w_global‖², w_global being the weights at entry. The reported loss is the data
+    loss alone, so it stays comparable across strategies.
+    """
     model.train()
+    anchors = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     examples, loss_sum = 0, 0.0
     for _ in range(epochs):
         examples, loss_sum = 0, 0.0
         for inputs, targets in batches():
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(inputs), targets)
-            loss.backward()
+            objective = loss
+            if anchors:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
+                objective = loss + proximal_mu / 2 * drift
+            objective.backward()
             optimizer.step()
             examples += len(targets)
             loss_sum += loss.item() * len(targets)

@@ -602,7 +602,7 @@ class RoundEngine:
     def _commit_round(self, state: RunState, clock: float) -> None:
         open_, run = state.open, state.record
         assert open_ is not None
-        weights = open_.aggregate.result()
+        weights = state.strategy.finish_round(open_.number, state.weights, open_.aggregate)
         metrics = open_.aggregate.metrics()
         checkpoint = self.checkpoints.save(run.id, open_.number, weights)
         round_ = RoundRecord(

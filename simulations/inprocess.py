@@ -48,9 +48,10 @@ def run_inprocess(
             load_weights(model, weights)
             optimizer = app.make_optimizer(model.parameters(), client_config)
             data = loader(train, batch_size, True, client_seed(config.seed, number, client))
-            examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn)
+            mu = float(client_config.get("proximal_mu", 0.0))
+            examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn, mu)
             aggregate.add(ClientUpdate(snapshot(model), examples, {"train_loss": loss}))
-        weights = aggregate.result()
+        weights = strategy.finish_round(number, weights, aggregate)
         load_weights(model, weights)
         eval_examples, eval_loss, correct = 0, 0.0, 0.0
         for client in selected:

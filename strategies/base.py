@@ -10,10 +10,16 @@ came from the daemon (gRPC), an in-process simulation or any other backend. One 
    FedAvg-family aggregates keep a running weighted sum, so memory is O(model), not
    O(clients × model). Strategies that need every update at once (median, Krum) set
    `needs_all_updates = True` so hosts can plan memory (spill to disk) accordingly.
-4. `RoundAggregate.result()` gives the new global weights.
+4. `finish_round(r, global_weights, aggregate)` gives the new global weights; it is the
+   one place a strategy may change its own state (server momentum, adaptive moments,
+   a clipping norm), and hosts call it exactly once per committed round.
 5. `state_dict()` / `load_state_dict()` carry whatever the strategy must remember across
-   rounds (e.g. server momentum); the server persists it with every committed round so
-   a restart resumes the strategy exactly. Values are JSON scalars/lists or tensors.
+   rounds; the server persists it with every committed round so a restart resumes the
+   strategy exactly. Values are JSON scalars/lists/dicts, or tensors (flat keys; the
+   server stores tensors in the round's checkpoint file, the rest in the database).
+
+Hosts: the daemon (`server/engine.py`) and the in-process simulator
+(`simulations/inprocess.py`) drive this lifecycle identically.
 """
 
 from __future__ import annotations
@@ -85,6 +91,12 @@ class Strategy(ABC):
     @abstractmethod
     def begin_round(self, server_round: int, global_weights: Mapping[str, torch.Tensor]) -> RoundAggregate:
         """Start collecting round `server_round`, whose clients start from `global_weights`."""
+
+    def finish_round(
+        self, server_round: int, global_weights: Mapping[str, torch.Tensor], aggregate: RoundAggregate
+    ) -> Weights:
+        """The new global weights after `server_round` (default: what the aggregate computed)."""
+        return aggregate.result()
 
     def state_dict(self) -> StrategyState:
         """State to persist after every committed round (stateless strategies: empty)."""

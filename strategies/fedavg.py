@@ -50,9 +50,28 @@ class WeightedMean(RoundAggregate):
         return out
 
 
-@register_strategy("fedavg")
-class FedAvg(Strategy):
-    """Federated Averaging weighted by each client's example count. No parameters, no state."""
+class MeanBasedStrategy(Strategy):
+    """The FedAvg family: aggregate the example-weighted mean of client models, then apply a
+    server update to it. FedAvg's server update is the identity; server-optimizer strategies
+    (FedAvgM, FedAdam, ...) override `server_update` and treat mean − global as a
+    pseudo-gradient. Central DP wraps any of them by replacing how the mean is formed.
+    """
 
-    def begin_round(self, server_round: int, global_weights: Mapping[str, torch.Tensor]) -> WeightedMean:
+    def begin_round(self, server_round: int, global_weights: Mapping[str, torch.Tensor]) -> RoundAggregate:
         return WeightedMean(global_weights)
+
+    def server_update(
+        self, server_round: int, global_weights: Mapping[str, torch.Tensor], mean: Weights
+    ) -> Weights:
+        """New global weights from the round's mean client model (default: the mean itself)."""
+        return mean
+
+    def finish_round(
+        self, server_round: int, global_weights: Mapping[str, torch.Tensor], aggregate: RoundAggregate
+    ) -> Weights:
+        return self.server_update(server_round, global_weights, aggregate.result())
+
+
+@register_strategy("fedavg")
+class FedAvg(MeanBasedStrategy):
+    """Federated Averaging weighted by each client's example count. No parameters, no state."""
