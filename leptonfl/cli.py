@@ -27,6 +27,29 @@ def _add_server(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help=DEFAULT_SERVER_HELP)
 
 
+def _add_strategy(p: argparse.ArgumentParser) -> None:
+    """Strategy and central-DP flags, the same on `run create` and `sim`."""
+    p.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg; see docs/strategies.md)")
+    p.add_argument(
+        "--param",
+        dest="strategy_params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy parameter, e.g. --param server_lr=0.01 --param momentum=0.9",
+    )
+    dp = p.add_argument_group("central differential privacy (user level; docs/privacy.md)")
+    dp.add_argument("--dp", choices=["central"], help="clip each client's update, add Gaussian noise, account epsilon")
+    dp.add_argument("--noise-multiplier", type=float, default=1.0, help="z: noise std is z times the clip norm")
+    dp.add_argument("--clip-norm", default="1.0", help="L2 clip norm C, or 'adaptive' (Andrew et al. 2021)")
+    dp.add_argument("--clip-quantile", type=float, default=0.5, help="adaptive: target unclipped fraction")
+    dp.add_argument("--clip-lr", type=float, default=0.2, help="adaptive: learning rate of the clip norm")
+    dp.add_argument("--initial-clip-norm", type=float, default=0.1, help="adaptive: starting clip norm")
+    dp.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
+    dp.add_argument("--epsilon-budget", type=float, default=0.0, help="stop before epsilon would exceed this")
+    dp.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="Opacus accountant (default rdp)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leptonfl", description="Lepton FL: federated learning daemon, client SDK and simulator."
@@ -75,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--app", required=True, help="app folder, .py file or module (see docs/apps.md)")
     create.add_argument("--weights", help="initial weights (.safetensors); default: the app's model, seeded")
     create.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
-    create.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg)")
+    _add_strategy(create)
     create.add_argument("--rounds", type=int, default=5)
     create.add_argument("--clients-per-round", type=int, default=2)
     create.add_argument(
@@ -137,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients-per-round", type=int, help="default: all clients every round")
     sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
     sim.add_argument("--backend", default="inprocess", choices=["inprocess", "grpc"])
-    sim.add_argument("--strategy", default="fedavg")
+    _add_strategy(sim)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")
     sim.add_argument(

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the heavy imports stay lazy so `leptonfl --help` is instant
     from protos.v1 import control_pb2
     from server.control_client import ControlClient
     from simulations.apps import App
+    from strategies.factory import PrivacySettings
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
@@ -37,6 +38,35 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
                     pass
         out[key] = value
     return out
+
+
+def privacy_from_args(args: argparse.Namespace) -> PrivacySettings:
+    from strategies.factory import PrivacySettings
+
+    if not args.dp:
+        return PrivacySettings()
+    adaptive = args.clip_norm == "adaptive"
+    try:
+        clip = 0.0 if adaptive else float(args.clip_norm)
+    except ValueError as exc:
+        raise CommandError(f"--clip-norm takes a number or 'adaptive', not {args.clip_norm!r}") from exc
+    settings = PrivacySettings(
+        mode=args.dp,
+        noise_multiplier=args.noise_multiplier,
+        clip_norm=clip,
+        adaptive_clipping=adaptive,
+        target_quantile=args.clip_quantile,
+        clip_lr=args.clip_lr,
+        initial_clip_norm=args.initial_clip_norm,
+        delta=args.delta,
+        epsilon_budget=args.epsilon_budget,
+        accountant=args.accountant,
+    )
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    return settings
 
 
 def _server_address(args: argparse.Namespace) -> str:
@@ -133,8 +163,10 @@ def _create(control: ControlClient, args: argparse.Namespace) -> int:
         min_clients=args.min_clients or args.clients_per_round,
         round_timeout_s=args.round_timeout,
         strategy=args.strategy,
+        strategy_params=parse_settings(args.strategy_params),
         client_config=client_config,
         name=args.name,
+        privacy=privacy_from_args(args),
     )
     print(f"created run {run.run_id} ({app.name}, {args.strategy}, {args.rounds} rounds)", file=sys.stderr)
     print(run.run_id)
@@ -142,6 +174,7 @@ def _create(control: ControlClient, args: argparse.Namespace) -> int:
 
 
 def _run_dict(run: control_pb2.Run) -> dict[str, Any]:
+    from protos.scalars import scalar_map_to_dict
     from server.control_client import status_name
 
     return {
@@ -157,7 +190,20 @@ def _run_dict(run: control_pb2.Run) -> dict[str, Any]:
         "min_clients": run.spec.min_clients,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
+        "strategy_params": scalar_map_to_dict(run.spec.strategy_params),
+        "privacy": _privacy_summary(run.spec.privacy),
+        "epsilon": run.epsilon,
+        "local_dp_clients": run.local_dp_clients,
+        "max_local_epsilon": run.max_local_epsilon,
     }
+
+
+def _privacy_summary(spec: control_pb2.PrivacySpec) -> str:
+    if spec.mode != "central":
+        return ""
+    clip = "adaptive" if spec.adaptive_clipping else f"{spec.clip_norm:g}"
+    budget = f", budget {spec.epsilon_budget:g}" if spec.epsilon_budget else ""
+    return f"z {spec.noise_multiplier:g}, clip {clip}, delta {spec.delta:g}, {spec.accountant}{budget}"
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -191,6 +237,7 @@ def _show(control: ControlClient, args: argparse.Namespace) -> int:
             "eval_accuracy": _nan_to_none(r.eval_accuracy),
             "eval_clients": r.eval_clients,
             "duration_seconds": r.duration_seconds,
+            **({"epsilon": r.epsilon, "clip_norm": r.clip_norm} if info["privacy"] else {}),
         }
         for r in detail.rounds
     ]
@@ -205,25 +252,15 @@ def _show(control: ControlClient, args: argparse.Namespace) -> int:
         f"app {info['app']}, strategy {info['strategy']}, rounds {info['committed_rounds']}/{info['num_rounds']}, "
         f"{info['clients_per_round']} clients per round (min {info['min_clients']})"
     )
+    if info["privacy"]:
+        print(f"central DP: {info['privacy']}, epsilon {info['epsilon']:.4f} so far")
+    if info["local_dp_clients"]:
+        print(f"local DP: {info['local_dp_clients']} clients reported epsilon, largest {info['max_local_epsilon']:.4f}")
     if rounds:
-        from simulations.report import RoundRecord, render_round_table
+        from simulations.grpc_backend import record_from_summary
+        from simulations.report import render_round_table
 
-        print(
-            render_round_table(
-                [
-                    RoundRecord(
-                        round=r.round,
-                        num_clients=r.num_clients,
-                        num_examples=r.num_examples,
-                        train_loss=r.train_loss,
-                        eval_loss=r.eval_loss,
-                        eval_accuracy=r.eval_accuracy,
-                        duration_seconds=r.duration_seconds,
-                    )
-                    for r in detail.rounds
-                ]
-            )
-        )
+        print(render_round_table([record_from_summary(r, bool(info["privacy"])) for r in detail.rounds]))
     return 0
 
 
@@ -331,11 +368,15 @@ def sim(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=Path(args.out),
         strategy=args.strategy,
+        strategy_params=parse_settings(args.strategy_params),
         client_config=parse_settings(args.settings),
+        privacy=privacy_from_args(args),
     )
+    from server.control_client import ControlError
+
     try:
         result = run_simulation(config)
-    except (ValueError, AppError, RuntimeError) as exc:
+    except (ValueError, AppError, RuntimeError, ControlError) as exc:
         raise CommandError(str(exc)) from exc
     print(render_round_table(result.records))
     print(

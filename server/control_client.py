@@ -12,8 +12,10 @@ from protos.codec import assemble, iter_tensor_data, model_header
 from protos.scalars import fill_scalar_map
 from protos.v1 import control_pb2 as pb
 from protos.v1 import control_pb2_grpc
+from strategies.factory import PrivacySettings
 
 STATUS_NAMES = {
+    pb.BUDGET_EXHAUSTED: "budget_exhausted",
     pb.PENDING: "pending",
     pb.RUNNING: "running",
     pb.COMPLETED: "completed",
@@ -70,6 +72,7 @@ class ControlClient:
         strategy_params: Mapping[str, Any] | None = None,
         client_config: Mapping[str, Any] | None = None,
         name: str = "",
+        privacy: PrivacySettings | None = None,
         chunk_bytes: int = 1 << 20,
     ) -> pb.Run:
         spec = pb.RunSpec(
@@ -80,6 +83,7 @@ class ControlClient:
             min_clients=min_clients,
             round_timeout_seconds=round_timeout_s,
             name=name,
+            privacy=pb.PrivacySpec(**(privacy or PrivacySettings()).to_dict()),
         )
         fill_scalar_map(spec.strategy_params, strategy_params or {})
         fill_scalar_map(spec.client_config, client_config or {})

@@ -54,7 +54,10 @@ from server.store import (
     now,
     token_digest,
 )
-from strategies import ClientUpdate, RoundAggregate, Strategy, Weights, create_strategy
+from server.strategy_state import STATE_PREFIX, pack, split_state, unpack
+from strategies import ClientUpdate, RoundAggregate, Strategy, Weights
+from strategies.accounting import PrivacyLedger
+from strategies.factory import PrivacySettings, build_strategy, epsilon_over_budget
 
 log = logging.getLogger("leptonfl.engine")
 
@@ -93,6 +96,7 @@ class RunSpecInput:
     round_timeout_s: float = 300.0
     client_config: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
+    privacy: PrivacySettings = PrivacySettings()
 
 
 @dataclass
@@ -134,6 +138,7 @@ class OpenRound:
     delivered: dict[str, Participation] = field(default_factory=dict)
     evaluated: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
     train_seconds: float = 0.0
+    sample_rate: float = 1.0  # q of Poisson sampling under central DP
 
     def pending_clients(self) -> set[str]:
         done = self.delivered if self.phase == TRAIN else self.evaluated
@@ -146,6 +151,8 @@ class RunState:
     strategy: Strategy
     weights: Weights
     header: tensors_pb2.ModelHeader
+    privacy: PrivacySettings = PrivacySettings()
+    ledger: PrivacyLedger | None = None
     open: OpenRound | None = None
     # Task ids of the previous round stay known, so a straggler hears "round closed", not "not assigned".
     retired_task_ids: set[str] = field(default_factory=set)
@@ -175,13 +182,19 @@ class RoundEngine:
             if record.committed_rounds >= record.num_rounds:
                 self.store.set_run_status(record.id, "completed")
                 continue
-            checkpoint = self.store.checkpoint(record.id)
-            assert checkpoint is not None, f"run {record.id} has no checkpoint"
-            weights = self.checkpoints.load(checkpoint)
-            strategy = create_strategy(record.strategy, record.strategy_params)
-            strategy.load_state_dict(record.strategy_state)
-            self._runs[record.id] = RunState(record, strategy, weights, model_header(weights))
+            self._runs[record.id] = self._load_run_state(record)
             log.info("resuming run %s after round %d of %d", record.id, record.committed_rounds, record.num_rounds)
+
+    def _load_run_state(self, record: RunRecord) -> RunState:
+        """A run's in-memory state, exactly as of its last committed round."""
+        checkpoint = self.store.checkpoint(record.id)
+        assert checkpoint is not None, f"run {record.id} has no checkpoint"
+        weights, state_tensors = unpack(self.checkpoints.load(checkpoint))
+        privacy = PrivacySettings.from_dict(record.privacy)
+        strategy = build_strategy(record.strategy, record.strategy_params, privacy, record.clients_per_round)
+        strategy.load_state_dict({**record.strategy_state, **state_tensors})
+        ledger = _ledger_from(record.privacy_ledger) if privacy.enabled else None
+        return RunState(record, strategy, weights, model_header(weights), privacy, ledger)
 
     def start(self) -> None:
         self._ticker = threading.Thread(target=self._tick_loop, name="round-engine", daemon=True)
@@ -356,7 +369,10 @@ class RoundEngine:
             if self.store.get_run(run_id) is None:
                 raise NotFound(f"unknown run {run_id!r}")
             task = self._tasks.get(task_id)
-            if task is None or task.client_id != client_id or task.run_id != run_id or task.round != number:
+            if task is None:
+                # Expired long ago, or issued before a daemon restart: the client should ask for new work.
+                raise FailedPrecondition(f"task {task_id!r} is unknown or expired (its round is closed)")
+            if task.client_id != client_id or task.run_id != run_id or task.round != number:
                 raise PermissionDenied(f"this client was not assigned run {run_id} round {number}")
             if task.kind != kind:
                 raise FailedPrecondition(f"task {task_id} is a {task.kind} task, not {kind}")
@@ -406,11 +422,14 @@ class RoundEngine:
         if not (spec.round_timeout_s > 0 and math.isfinite(spec.round_timeout_s)):
             raise InvalidArgument("round timeout must be a positive number of seconds")
         try:
-            strategy = create_strategy(spec.strategy, spec.strategy_params)
+            strategy = build_strategy(spec.strategy, spec.strategy_params, spec.privacy, spec.clients_per_round)
+            ledger = PrivacyLedger(spec.privacy.accountant, delta=spec.privacy.delta) if spec.privacy.enabled else None
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(str(exc)) from exc
         if not weights:
             raise InvalidArgument("the initial model has no tensors")
+        if any(name.startswith(STATE_PREFIX) for name in weights):
+            raise InvalidArgument(f"tensor names starting with {STATE_PREFIX!r} are reserved")
         bad = non_finite_tensors(weights)
         if bad:
             raise InvalidArgument(f"initial model has NaN or Inf values in {', '.join(bad)}")
@@ -430,15 +449,19 @@ class RoundEngine:
             status="running",
             status_reason="",
             committed_rounds=0,
-            strategy_state=strategy.state_dict(),
+            strategy_state={},
             created_at=stamp,
             updated_at=stamp,
+            privacy=spec.privacy.to_dict(),
+            privacy_ledger=_ledger_state(ledger),
         )
         weights = dict(weights)
-        checkpoint = self.checkpoints.save(run_id, 0, weights)
+        json_state, state_tensors = split_state(strategy.state_dict())
+        record = replace(record, strategy_state=json_state)
+        checkpoint = self.checkpoints.save(run_id, 0, pack(weights, state_tensors))
         with self._lock:
             self.store.create_run(record, checkpoint)
-            self._runs[run_id] = RunState(record, strategy, weights, model_header(weights))
+            self._runs[run_id] = RunState(record, strategy, weights, model_header(weights), spec.privacy, ledger)
             self._notify()
         log.info(
             "created run %s: app %s, %s, %d rounds, %d clients per round",
@@ -485,7 +508,7 @@ class RoundEngine:
         checkpoint = self.store.checkpoint(run_id, number)
         if checkpoint is None:
             raise NotFound(f"run {run_id} has no committed checkpoint for round {number}")
-        return self.checkpoints.load(checkpoint)
+        return unpack(self.checkpoints.load(checkpoint))[0]
 
     def _end_run(self, run_id: str, status: str, reason: str = "") -> None:
         state = self._runs.pop(run_id, None)
@@ -536,8 +559,17 @@ class RoundEngine:
         if len(eligible) < run.clients_per_round and clock - state.waiting_since < self.config.selection_grace_s:
             return
         number = run.committed_rounds + 1
-        rng = random.Random(f"{run.id}/{number}/{state.attempt}")
-        selected = rng.sample(eligible, min(run.clients_per_round, len(eligible)))
+        sample_rate = 1.0
+        if state.privacy.enabled:
+            # Poisson sampling with q = K / population: what the accountant's amplification assumes.
+            sample_rate = min(1.0, run.clients_per_round / len(eligible))
+            if self._over_budget(state, sample_rate):
+                return
+            sampler = secrets.SystemRandom()
+            selected = [c for c in eligible if sampler.random() < sample_rate]
+        else:
+            rng = random.Random(f"{run.id}/{number}/{state.attempt}")
+            selected = rng.sample(eligible, min(run.clients_per_round, len(eligible)))
         open_ = OpenRound(
             number,
             state.attempt,
@@ -546,6 +578,7 @@ class RoundEngine:
             selected,
             state.strategy.begin_round(number, state.weights),
         )
+        open_.sample_rate = sample_rate
         config = {**run.client_config, **state.strategy.configure_round(number)}
         self._hand_out(state, open_, TRAIN, selected, config)
         state.open, state.waiting_since = open_, None
@@ -558,6 +591,20 @@ class RoundEngine:
             state.attempt,
         )
         self._notify()
+
+    def _over_budget(self, state: RunState, sample_rate: float) -> bool:
+        """End the run before a round that would take epsilon above its budget."""
+        ledger = state.ledger
+        upcoming = None if ledger is None else epsilon_over_budget(state.privacy, ledger, sample_rate)
+        if ledger is None or upcoming is None:
+            return False
+        self._end_run(
+            state.record.id,
+            "budget_exhausted",
+            f"round {state.record.committed_rounds + 1} would raise epsilon from {ledger.epsilon():.4f} to "
+            f"{upcoming:.4f}, above the budget of {state.privacy.epsilon_budget:g} (delta {state.privacy.delta:g})",
+        )
+        return True
 
     def _hand_out(
         self, state: RunState, open_: OpenRound, kind: str, clients: Iterable[str], config: Mapping[str, Any]
@@ -582,7 +629,9 @@ class RoundEngine:
         open_, run = state.open, state.record
         assert open_ is not None
         if open_.phase == TRAIN:
-            if len(open_.delivered) >= run.min_clients:
+            # Under central DP a round commits whatever arrived (even nothing: noise only), as
+            # DP-FedAvg's analysis assumes; otherwise the quorum is min_clients.
+            if len(open_.delivered) >= (0 if state.privacy.enabled else run.min_clients):
                 self._commit_round(state, clock)
                 return
             reason = (
@@ -600,11 +649,31 @@ class RoundEngine:
         self._finish_evaluation(state)
 
     def _commit_round(self, state: RunState, clock: float) -> None:
+        try:
+            self._commit_round_unsafe(state, clock)
+        except Exception:
+            # finish_round may have moved the strategy's state on: rebuild it from the last commit.
+            log.exception("committing round of run %s failed; reloading its last committed state", state.record.id)
+            self._drop_open_round(state)
+            record = self.store.get_run(state.record.id)
+            if record is not None:
+                self._runs[record.id] = self._load_run_state(record)
+            self._notify()
+
+    def _commit_round_unsafe(self, state: RunState, clock: float) -> None:
         open_, run = state.open, state.record
         assert open_ is not None
+        clip_norm = getattr(state.strategy, "clip_norm", None)  # central DP: the norm this round used
         weights = state.strategy.finish_round(open_.number, state.weights, open_.aggregate)
-        metrics = open_.aggregate.metrics()
-        checkpoint = self.checkpoints.save(run.id, open_.number, weights)
+        metrics: dict[str, Any] = dict(open_.aggregate.metrics())
+        ledger_state: dict[str, Any] | None = None
+        if state.ledger is not None:
+            ledger = _ledger_from(state.ledger.state_dict())
+            ledger.record_round(state.privacy.noise_multiplier, open_.sample_rate)
+            ledger_state = _ledger_state(ledger)
+            metrics.update(epsilon=ledger_state["epsilon"], clip_norm=clip_norm, sample_rate=open_.sample_rate)
+        json_state, state_tensors = split_state(state.strategy.state_dict())
+        checkpoint = self.checkpoints.save(run.id, open_.number, pack(weights, state_tensors))
         round_ = RoundRecord(
             run_id=run.id,
             number=open_.number,
@@ -617,8 +686,11 @@ class RoundEngine:
             duration_s=clock - open_.started,
             metrics=metrics,
         )
-        self.store.commit_round(round_, checkpoint, list(open_.delivered.values()), state.strategy.state_dict())
-        state.record = replace(run, committed_rounds=open_.number, strategy_state=state.strategy.state_dict())
+        self.store.commit_round(round_, checkpoint, list(open_.delivered.values()), json_state, ledger_state)
+        state.record = replace(run, committed_rounds=open_.number, strategy_state=json_state)
+        if ledger_state is not None:
+            state.record = replace(state.record, privacy_ledger=ledger_state)
+            state.ledger = _ledger_from(ledger_state)
         state.weights, state.header, state.attempt = weights, model_header(weights), 1
         log.info(
             "run %s round %d/%d committed: %d updates, %d examples, train_loss %s",
@@ -657,6 +729,15 @@ class RoundEngine:
             self._end_run(run.id, "completed")
         else:
             self._notify()
+
+
+def _ledger_from(state: Mapping[str, Any]) -> PrivacyLedger:
+    return PrivacyLedger.from_state({k: v for k, v in state.items() if k != "epsilon"})
+
+
+def _ledger_state(ledger: PrivacyLedger | None) -> dict[str, Any]:
+    """The ledger's state plus its current epsilon (cached for `run show`)."""
+    return {} if ledger is None else {**ledger.state_dict(), "epsilon": ledger.epsilon()}
 
 
 def _check_text(what: str, value: str, required: bool = False, limit: int = 200) -> None:

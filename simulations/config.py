@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from strategies.factory import PrivacySettings
+
 BACKENDS = ("inprocess", "grpc")
 
 
@@ -24,6 +26,7 @@ class SimulationConfig:
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     client_config: Mapping[str, Any] = field(default_factory=dict)  # overrides the app's defaults
     round_timeout_s: float = 300.0
+    privacy: PrivacySettings = PrivacySettings()  # with central DP, clients_per_round is the expected K
 
     @property
     def per_round(self) -> int:
@@ -34,5 +37,6 @@ class SimulationConfig:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.clients < 1 or self.rounds < 1:
             raise ValueError("clients and rounds must be at least 1")
+        self.privacy.validate()
         if not 1 <= self.per_round <= self.clients:
             raise ValueError(f"clients per round must be between 1 and {self.clients}, got {self.per_round}")

@@ -101,18 +101,20 @@ def run_grpc(
                 strategy_params=config.strategy_params,
                 client_config=client_config,
                 name=f"sim seed {config.seed}",
+                privacy=config.privacy,
             )
+            dp = config.privacy.enabled
             for index in range(config.clients):
                 clients.append(_start_client(app, config, address, run.run_id, index, client_config))
             reported: set[int] = set()
             for event in control.watch(run.run_id):
                 if event.HasField("round") and event.round.eval_clients and event.round.round not in reported:
                     reported.add(event.round.round)
-                    on_round(_record(event.round))
+                    on_round(record_from_summary(event.round, dp))
             detail = control.get_run(run.run_id)
-            if status_name(detail.run) != "completed":
+            if status_name(detail.run) not in ("completed", "budget_exhausted"):
                 raise RuntimeError(f"run {run.run_id} ended {status_name(detail.run)}: {detail.run.status_reason}")
-            records = [_record(r) for r in detail.rounds]
+            records = [record_from_summary(r, dp) for r in detail.rounds]
             for record in records:
                 if record.round not in reported:
                     on_round(record)
@@ -142,7 +144,8 @@ def _start_client(
     return client
 
 
-def _record(r: control_pb2.RoundSummary) -> RoundRecord:
+def record_from_summary(r: control_pb2.RoundSummary, central_dp: bool = False) -> RoundRecord:
+    """A daemon's round summary as a report row (with epsilon and clip norm under central DP)."""
     return RoundRecord(
         round=r.round,
         num_clients=r.num_clients,
@@ -151,4 +154,5 @@ def _record(r: control_pb2.RoundSummary) -> RoundRecord:
         eval_loss=r.eval_loss,
         eval_accuracy=r.eval_accuracy,
         duration_seconds=r.duration_seconds,
+        extra={"epsilon": r.epsilon, "clip_norm": r.clip_norm} if central_dp else {},
     )

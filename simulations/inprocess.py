@@ -2,11 +2,13 @@
 
 One model is built once and re-used: each client's start weights are copied into it in
 place, its update is folded straight into the strategy's running aggregate, and nothing
-is serialised. The strategy and the training functions are the daemon's and the SDK's.
+is serialised. The strategy (and central DP, sampling and accounting) and the training
+functions are the daemon's and the SDK's own.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -18,7 +20,9 @@ from client_sdk.training import evaluate_model, load_weights, snapshot, train_ep
 from simulations.apps import App, loader
 from simulations.config import SimulationConfig
 from simulations.report import RoundRecord
-from strategies import ClientUpdate, create_strategy
+from strategies import ClientUpdate
+from strategies.accounting import PrivacyLedger
+from strategies.factory import build_strategy, epsilon_over_budget
 
 Progress = Callable[[RoundRecord], None]
 
@@ -29,46 +33,73 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 
 
 def run_inprocess(
-    app: App, config: SimulationConfig, on_round: Progress
+    app: App, config: SimulationConfig, on_round: Progress, echo: Callable[[str], None] = lambda _: None
 ) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+    privacy = config.privacy
     weights = app.initial_weights(config.seed)
-    strategy = create_strategy(config.strategy, config.strategy_params)
+    strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
+    ledger = PrivacyLedger(privacy.accountant, delta=privacy.delta) if privacy.enabled else None
+    sample_rate = config.per_round / config.clients
     model = app.build_model()
     sampler = random.Random(config.seed)
     records: list[RoundRecord] = []
     for number in range(1, config.rounds + 1):
         started = time.perf_counter()
-        selected = sorted(sampler.sample(range(config.clients), config.per_round))
+        if ledger is not None:
+            # Poisson sampling with q = K / N, as the accountant assumes (and as the daemon does).
+            upcoming = epsilon_over_budget(privacy, ledger, sample_rate)
+            if upcoming is not None:
+                echo(
+                    f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, above {privacy.epsilon_budget:g}"
+                )
+                break
+            selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
+        else:
+            selected = sorted(sampler.sample(range(config.clients), config.per_round))
         client_config = {**app.default_config, **config.client_config, **strategy.configure_round(number)}
         batch_size = int(client_config.get("batch_size", 32))
         epochs = int(client_config.get("local_epochs", 1))
+        mu = float(client_config.get("proximal_mu", 0.0))
+        clip_norm = getattr(strategy, "clip_norm", None)
         aggregate = strategy.begin_round(number, weights)
         for client in selected:
             train, _ = app.partition(client, config.clients, config.partition, config.seed)
             load_weights(model, weights)
             optimizer = app.make_optimizer(model.parameters(), client_config)
             data = loader(train, batch_size, True, client_seed(config.seed, number, client))
-            mu = float(client_config.get("proximal_mu", 0.0))
             examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn, mu)
             aggregate.add(ClientUpdate(snapshot(model), examples, {"train_loss": loss}))
         weights = strategy.finish_round(number, weights, aggregate)
-        load_weights(model, weights)
-        eval_examples, eval_loss, correct = 0, 0.0, 0.0
-        for client in selected:
-            _, test = app.partition(client, config.clients, config.partition, config.seed)
-            result = evaluate_model(model, loader(test, 256, False, 0), app.loss_fn)
-            eval_examples += result.num_examples
-            eval_loss += result.loss * result.num_examples
-            correct += result.metrics["accuracy"] * result.num_examples
+        extra: dict[str, float] = {}
+        if ledger is not None:
+            ledger.record_round(privacy.noise_multiplier, sample_rate)
+            extra = {"epsilon": ledger.epsilon(), "clip_norm": float(clip_norm or math.nan)}
+        eval_loss, eval_accuracy = _evaluate(app, config, model, weights, selected)
         record = RoundRecord(
             round=number,
             num_clients=aggregate.num_updates,
             num_examples=aggregate.num_examples,
-            train_loss=aggregate.metrics()["train_loss"],
-            eval_loss=eval_loss / eval_examples,
-            eval_accuracy=correct / eval_examples,
+            train_loss=aggregate.metrics().get("train_loss", math.nan),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_accuracy,
             duration_seconds=time.perf_counter() - started,
+            extra=extra,
         )
         records.append(record)
         on_round(record)
     return records, weights
+
+
+def _evaluate(
+    app: App, config: SimulationConfig, model: torch.nn.Module, weights: dict[str, torch.Tensor], clients: list[int]
+) -> tuple[float, float]:
+    """Federated evaluation of the new global model on the round's clients' test shares."""
+    load_weights(model, weights)
+    examples, loss_sum, correct = 0, 0.0, 0.0
+    for client in clients:
+        _, test = app.partition(client, config.clients, config.partition, config.seed)
+        result = evaluate_model(model, loader(test, 256, False, 0), app.loss_fn)
+        examples += result.num_examples
+        loss_sum += result.loss * result.num_examples
+        correct += result.metrics["accuracy"] * result.num_examples
+    return (loss_sum / examples, correct / examples) if examples else (math.nan, math.nan)

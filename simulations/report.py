@@ -134,7 +134,10 @@ def _fmt(value: float, digits: int) -> str:
 
 
 def render_round_table(records: Sequence[RoundRecord]) -> str:
-    """Right-aligned plain-text table, one row per round, for terminals and logs."""
+    """Right-aligned plain-text table, one row per round, for terminals and logs; extra
+    metrics (e.g. epsilon under DP) get a column each."""
+    extras = [c for c in _columns(records) if c not in BASE_FIELDS]
+    headers = [*_TABLE_HEADERS, *extras]
     rows = [
         (
             str(r.round),
@@ -144,11 +147,12 @@ def render_round_table(records: Sequence[RoundRecord]) -> str:
             _fmt(r.eval_loss, 4),
             _fmt(r.eval_accuracy, 4),
             _fmt(r.duration_seconds, 2),
+            *(_fmt(r.extra.get(k, math.nan), 4) for k in extras),
         )
         for r in records
     ]
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(_TABLE_HEADERS)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(_TABLE_HEADERS, widths, strict=True))]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines.extend("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
     return "\n".join(lines)
@@ -160,5 +164,7 @@ def format_round_line(record: RoundRecord, total_rounds: int) -> str:
     return (
         f"round {record.round}/{total_rounds}: {record.num_clients} clients, "
         f"train_loss {_fmt(record.train_loss, 4)}, "
-        f"accuracy {_fmt(record.eval_accuracy, 4)} ({record.duration_seconds:.1f} s)"
+        f"accuracy {_fmt(record.eval_accuracy, 4)}"
+        + (f", epsilon {_fmt(record.extra['epsilon'], 4)}" if "epsilon" in record.extra else "")
+        + f" ({record.duration_seconds:.1f} s)"
     )

@@ -53,7 +53,7 @@ def run_simulation(
     else:
         from simulations.inprocess import run_inprocess
 
-        records, weights = run_inprocess(app, config, on_round)
+        records, weights = run_inprocess(app, config, on_round, echo)
     seconds = time.perf_counter() - started
     metrics_path, _ = write_metrics(records, config.out)
     plot_path = plot_metrics(

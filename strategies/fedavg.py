@@ -60,9 +60,7 @@ class MeanBasedStrategy(Strategy):
     def begin_round(self, server_round: int, global_weights: Mapping[str, torch.Tensor]) -> RoundAggregate:
         return WeightedMean(global_weights)
 
-    def server_update(
-        self, server_round: int, global_weights: Mapping[str, torch.Tensor], mean: Weights
-    ) -> Weights:
+    def server_update(self, server_round: int, global_weights: Mapping[str, torch.Tensor], mean: Weights) -> Weights:
         """New global weights from the round's mean client model (default: the mean itself)."""
         return mean
 

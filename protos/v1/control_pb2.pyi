@@ -33,6 +33,8 @@ class _RunStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStatus.V
     COMPLETED: _RunStatus.ValueType  # 3
     FAILED: _RunStatus.ValueType  # 4
     CANCELLED: _RunStatus.ValueType  # 5
+    BUDGET_EXHAUSTED: _RunStatus.ValueType  # 6
+    """Stopped before a round that would have exceeded the run's epsilon budget."""
 
 class RunStatus(_RunStatus, metaclass=_RunStatusEnumTypeWrapper): ...
 
@@ -42,6 +44,8 @@ RUNNING: RunStatus.ValueType  # 2
 COMPLETED: RunStatus.ValueType  # 3
 FAILED: RunStatus.ValueType  # 4
 CANCELLED: RunStatus.ValueType  # 5
+BUDGET_EXHAUSTED: RunStatus.ValueType  # 6
+"""Stopped before a round that would have exceeded the run's epsilon budget."""
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 @_typing.final
@@ -99,6 +103,7 @@ class RunSpec(_message.Message):
     ROUND_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     CLIENT_CONFIG_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     app: _builtins.str
     strategy: _builtins.str
     num_rounds: _builtins.int
@@ -112,6 +117,8 @@ class RunSpec(_message.Message):
     def client_config(self) -> _containers.MessageMap[_builtins.str, _fleet_pb2.Scalar]:
         """Handed to clients with every task (e.g. local_epochs, lr, batch_size)."""
 
+    @_builtins.property
+    def privacy(self) -> Global___PrivacySpec: ...
     def __init__(
         self,
         *,
@@ -124,14 +131,67 @@ class RunSpec(_message.Message):
         round_timeout_seconds: _builtins.float = ...,
         client_config: _abc.Mapping[_builtins.str, _fleet_pb2.Scalar] | None = ...,
         name: _builtins.str = ...,
+        privacy: Global___PrivacySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "client_config", b"client_config", "clients_per_round", b"clients_per_round", "min_clients", b"min_clients", "name", b"name", "num_rounds", b"num_rounds", "round_timeout_seconds", b"round_timeout_seconds", "strategy", b"strategy", "strategy_params", b"strategy_params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "client_config", b"client_config", "clients_per_round", b"clients_per_round", "min_clients", b"min_clients", "name", b"name", "num_rounds", b"num_rounds", "privacy", b"privacy", "round_timeout_seconds", b"round_timeout_seconds", "strategy", b"strategy", "strategy_params", b"strategy_params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
+
+@_typing.final
+class PrivacySpec(_message.Message):
+    """Central (user-level) differential privacy of a run; mode "" means none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_CLIPPING_FIELD_NUMBER: _builtins.int
+    TARGET_QUANTILE_FIELD_NUMBER: _builtins.int
+    CLIP_LR_FIELD_NUMBER: _builtins.int
+    INITIAL_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
+    ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"" or "central" """
+    noise_multiplier: _builtins.float
+    clip_norm: _builtins.float
+    """Fixed L2 clipping norm; ignored when adaptive_clipping is set."""
+    adaptive_clipping: _builtins.bool
+    target_quantile: _builtins.float
+    clip_lr: _builtins.float
+    initial_clip_norm: _builtins.float
+    delta: _builtins.float
+    epsilon_budget: _builtins.float
+    """Stop the run before a round would take epsilon above this; 0 means no budget."""
+    accountant: _builtins.str
+    """"rdp" (default) or "prv" """
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        noise_multiplier: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
+        adaptive_clipping: _builtins.bool = ...,
+        target_quantile: _builtins.float = ...,
+        clip_lr: _builtins.float = ...,
+        initial_clip_norm: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        epsilon_budget: _builtins.float = ...,
+        accountant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_lr", b"clip_lr", "clip_norm", b"clip_norm", "delta", b"delta", "epsilon_budget", b"epsilon_budget", "initial_clip_norm", b"initial_clip_norm", "mode", b"mode", "noise_multiplier", b"noise_multiplier", "target_quantile", b"target_quantile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacySpec: _TypeAlias = PrivacySpec  # noqa: Y015
 
 @_typing.final
 class CreateRunChunk(_message.Message):
@@ -174,6 +234,9 @@ class Run(_message.Message):
     COMMITTED_ROUNDS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    LOCAL_DP_CLIENTS_FIELD_NUMBER: _builtins.int
+    MAX_LOCAL_EPSILON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: Global___RunStatus.ValueType
     status_reason: _builtins.str
@@ -181,6 +244,11 @@ class Run(_message.Message):
     """Last committed round (0 until the first round commits)."""
     created_at: _builtins.str
     updated_at: _builtins.str
+    epsilon: _builtins.float
+    """Central DP: epsilon spent so far at the run's delta (0 without DP)."""
+    local_dp_clients: _builtins.int
+    """Local DP: clients that reported a record-level epsilon, and the largest one."""
+    max_local_epsilon: _builtins.float
     @_builtins.property
     def spec(self) -> Global___RunSpec: ...
     def __init__(
@@ -193,10 +261,13 @@ class Run(_message.Message):
         committed_rounds: _builtins.int = ...,
         created_at: _builtins.str = ...,
         updated_at: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        local_dp_clients: _builtins.int = ...,
+        max_local_epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_rounds", b"committed_rounds", "created_at", b"created_at", "run_id", b"run_id", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_rounds", b"committed_rounds", "created_at", b"created_at", "epsilon", b"epsilon", "local_dp_clients", b"local_dp_clients", "max_local_epsilon", b"max_local_epsilon", "run_id", b"run_id", "spec", b"spec", "status", b"status", "status_reason", b"status_reason", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,6 +308,8 @@ class RoundSummary(_message.Message):
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_SHA256_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     num_clients: _builtins.int
     num_examples: _builtins.int
@@ -247,6 +320,9 @@ class RoundSummary(_message.Message):
     eval_clients: _builtins.int
     duration_seconds: _builtins.float
     checkpoint_sha256: _builtins.str
+    epsilon: _builtins.float
+    """Central DP: cumulative epsilon after this round, and the clipping norm used in it."""
+    clip_norm: _builtins.float
     @_builtins.property
     def metrics(self) -> _containers.MessageMap[_builtins.str, _fleet_pb2.Scalar]: ...
     def __init__(
@@ -262,10 +338,12 @@ class RoundSummary(_message.Message):
         duration_seconds: _builtins.float = ...,
         checkpoint_sha256: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _fleet_pb2.Scalar] | None = ...,
+        epsilon: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sha256", b"checkpoint_sha256", "duration_seconds", b"duration_seconds", "eval_accuracy", b"eval_accuracy", "eval_clients", b"eval_clients", "eval_loss", b"eval_loss", "metrics", b"metrics", "num_clients", b"num_clients", "num_examples", b"num_examples", "round", b"round", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sha256", b"checkpoint_sha256", "clip_norm", b"clip_norm", "duration_seconds", b"duration_seconds", "epsilon", b"epsilon", "eval_accuracy", b"eval_accuracy", "eval_clients", b"eval_clients", "eval_loss", b"eval_loss", "metrics", b"metrics", "num_clients", b"num_clients", "num_examples", b"num_examples", "round", b"round", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

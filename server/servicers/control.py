@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import grpc
 
@@ -15,6 +15,7 @@ from server.engine import RoundEngine, RunSpecInput
 from server.errors import InvalidArgument
 from server.servicers.status import streaming, unary
 from server.store import RoundRecord, RunRecord
+from strategies.factory import PrivacySettings
 
 STATUS_TO_PB = {
     "pending": pb.PENDING,
@@ -22,11 +23,33 @@ STATUS_TO_PB = {
     "completed": pb.COMPLETED,
     "failed": pb.FAILED,
     "cancelled": pb.CANCELLED,
+    "budget_exhausted": pb.BUDGET_EXHAUSTED,
 }
 WATCH_POLL_S = 1.0
 
 
-def run_to_pb(run: RunRecord) -> pb.Run:
+def privacy_to_pb(privacy: PrivacySettings) -> pb.PrivacySpec:
+    return pb.PrivacySpec(**privacy.to_dict())
+
+
+def privacy_from_pb(spec: pb.PrivacySpec) -> PrivacySettings:
+    """Defaults fill fields a client left at zero (proto3 has no presence for doubles)."""
+    defaults = PrivacySettings()
+    return PrivacySettings(
+        mode=spec.mode,
+        noise_multiplier=spec.noise_multiplier,
+        clip_norm=spec.clip_norm,
+        adaptive_clipping=spec.adaptive_clipping,
+        target_quantile=spec.target_quantile or defaults.target_quantile,
+        clip_lr=spec.clip_lr or defaults.clip_lr,
+        initial_clip_norm=spec.initial_clip_norm or defaults.initial_clip_norm,
+        delta=spec.delta or defaults.delta,
+        epsilon_budget=spec.epsilon_budget,
+        accountant=spec.accountant or defaults.accountant,
+    )
+
+
+def run_to_pb(run: RunRecord, local_epsilons: Mapping[str, float] | None = None) -> pb.Run:
     spec = pb.RunSpec(
         app=run.app,
         strategy=run.strategy,
@@ -35,9 +58,11 @@ def run_to_pb(run: RunRecord) -> pb.Run:
         min_clients=run.min_clients,
         round_timeout_seconds=run.round_timeout_s,
         name=run.name,
+        privacy=privacy_to_pb(PrivacySettings.from_dict(run.privacy)),
     )
     fill_scalar_map(spec.strategy_params, run.strategy_params)
     fill_scalar_map(spec.client_config, run.client_config)
+    local = list((local_epsilons or {}).values())
     return pb.Run(
         run_id=run.id,
         spec=spec,
@@ -46,6 +71,9 @@ def run_to_pb(run: RunRecord) -> pb.Run:
         committed_rounds=run.committed_rounds,
         created_at=run.created_at.isoformat(),
         updated_at=run.updated_at.isoformat(),
+        epsilon=float(run.privacy_ledger.get("epsilon", 0.0)),
+        local_dp_clients=len(local),
+        max_local_epsilon=max(local, default=0.0),
     )
 
 
@@ -60,6 +88,8 @@ def round_to_pb(r: RoundRecord) -> pb.RoundSummary:
         eval_accuracy=nan if r.eval_accuracy is None else r.eval_accuracy,
         eval_clients=r.eval_clients,
         duration_seconds=r.duration_s,
+        epsilon=float(r.metrics.get("epsilon") or 0.0),
+        clip_norm=float(r.metrics.get("clip_norm") or 0.0),
     )
     fill_scalar_map(summary.metrics, {k: v for k, v in r.metrics.items() if isinstance(v, int | float | str | bool)})
     return summary
@@ -90,6 +120,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 round_timeout_s=s.round_timeout_seconds or 300.0,
                 client_config=scalar_map_to_dict(s.client_config),
                 name=s.name,
+                privacy=privacy_from_pb(s.privacy),
             )
             assembler = ModelAssembler(header.model_header, self.engine.config.stream_limits())
             for message in request_iterator:
@@ -110,7 +141,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @unary
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.RunDetail:
         run = self.engine.get_run(request.run_id)
-        return pb.RunDetail(run=run_to_pb(run), rounds=[round_to_pb(r) for r in self.engine.rounds(run.id)])
+        local = self.engine.store.local_epsilons(run.id)
+        return pb.RunDetail(run=run_to_pb(run, local), rounds=[round_to_pb(r) for r in self.engine.rounds(run.id)])
 
     @unary
     def CancelRun(self, request: pb.CancelRunRequest, context: grpc.ServicerContext) -> pb.Run:

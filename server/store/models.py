@@ -33,6 +33,8 @@ class RunRow(Base):
     strategy_state: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    privacy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    privacy_ledger: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class RoundRow(Base):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +48,8 @@ class RunRecord:
     strategy_state: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    privacy: dict[str, Any] = field(default_factory=dict)
+    privacy_ledger: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -159,7 +161,7 @@ class Store:
         checkpoint: CheckpointRecord,
         participations: Sequence[Participation],
         strategy_state: dict[str, Any],
-        final_status: str | None = None,
+        privacy_ledger: dict[str, Any] | None = None,
     ) -> None:
         """Atomically record a finished round; only committed rounds count."""
         with self._session() as s, s.begin():
@@ -178,8 +180,8 @@ class Store:
             values: dict[str, Any] = dict(
                 committed_rounds=round_.number, strategy_state=strategy_state, updated_at=now()
             )
-            if final_status:
-                values["status"] = final_status
+            if privacy_ledger is not None:
+                values["privacy_ledger"] = privacy_ledger
             s.execute(update(RunRow).where(RunRow.id == round_.run_id).values(**values))
 
     def set_round_evaluation(
@@ -205,6 +207,16 @@ class Store:
                 .order_by(ParticipationRow.client_id)
             )
             return [Participation(r.client_id, r.num_examples, dict(r.metrics)) for r in s.scalars(query)]
+
+    def local_epsilons(self, run_id: str) -> dict[str, float]:
+        """Each client's latest reported record-level (local DP) epsilon in a run."""
+        with self._session() as s:
+            query = select(ParticipationRow).where(ParticipationRow.run_id == run_id).order_by(ParticipationRow.round)
+            return {
+                r.client_id: float(r.metrics["epsilon"])
+                for r in s.scalars(query)
+                if isinstance(r.metrics.get("epsilon"), int | float)
+            }
 
     def checkpoint(self, run_id: str, number: int | None = None) -> CheckpointRecord | None:
         """The checkpoint of round `number`, or the latest one when `number` is None."""

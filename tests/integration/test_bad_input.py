@@ -71,6 +71,7 @@ def test_each_bad_upload_gets_its_status_and_the_round_still_commits_exactly(rou
             "not assigned",
         ),
         "unknown run": (base, {"run_id": "run-nope"}, grpc.StatusCode.NOT_FOUND, "unknown run"),
+        "unknown task": (base, {"task_id": "feedface"}, grpc.StatusCode.FAILED_PRECONDITION, "unknown or expired"),
     }
     for name, (weights, overrides, code, text) in cases.items():
         got_code, details = status_of(lambda w=weights, o=overrides: bad.upload(bad_task, w, 5, o))
