@@ -15,9 +15,11 @@ from client_sdk.errors import (
     TrainingError,
     UpdateRejected,
 )
+from client_sdk.privacy import LocalDP, PrivacyBudgetExhausted, UnsupportedModelError, check_model
 from client_sdk.trainer import TorchTrainer, Trainer
 from client_sdk.training import EvalResult, FitResult
 from client_sdk.transport import Backoff
+from protos.channels import TLSFiles
 
 __all__ = [
     "AuthenticationError",
@@ -28,10 +30,15 @@ __all__ = [
     "FederatedClient",
     "FitResult",
     "LeptonError",
+    "LocalDP",
+    "PrivacyBudgetExhausted",
+    "UnsupportedModelError",
+    "check_model",
     "ProtocolMismatch",
     "RoundClosed",
     "RunNotFound",
     "ServerError",
+    "TLSFiles",
     "TorchTrainer",
     "Trainer",
     "TrainingError",

@@ -17,6 +17,7 @@ from typing import TypeVar
 from client_sdk.errors import LeptonError, RoundClosed, TrainingError
 from client_sdk.trainer import Trainer
 from client_sdk.transport import Backoff, FleetTransport, Stopped, task_config
+from protos.channels import TLSFiles
 from protos.v1 import fleet_pb2 as pb
 
 log = logging.getLogger("leptonfl.client")
@@ -51,12 +52,13 @@ class FederatedClient:
         exit_when_idle: bool = True,
         backoff: Backoff = Backoff(),
         chunk_bytes: int = 1 << 20,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.trainer = trainer
         self.exit_when_idle = exit_when_idle
         self._stop = threading.Event()
         self.transport = FleetTransport(
-            server, app, name=name, run_id=run_id, backoff=backoff, stop=self._stop, chunk_bytes=chunk_bytes
+            server, app, name=name, run_id=run_id, backoff=backoff, stop=self._stop, chunk_bytes=chunk_bytes, tls=tls
         )
         self.stats = ClientStats()
         self.error: LeptonError | None = None
@@ -120,6 +122,11 @@ class FederatedClient:
         except LeptonError as exc:
             self.error = exc
             log.error("federated client stopped: %s", exc)
+
+    @property
+    def running(self) -> bool:
+        """True while the background loop is alive."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the loop to end (interrupting waits and backoff) and wait for the thread."""

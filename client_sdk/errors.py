@@ -8,6 +8,8 @@ LeptonError
 ├── UpdateRejected        the server refused an update or report as invalid
 ├── RoundClosed           a result arrived after its round closed (slow client)
 ├── TrainingError         the app's own training or evaluation code raised
+├── UnsupportedModelError local DP: a layer Opacus cannot privatise (client_sdk.privacy)
+├── PrivacyBudgetExhausted local DP: the next round would exceed the target epsilon
 └── ServerError           anything else the server answered (status code kept)
 """
 
@@ -61,7 +63,6 @@ _BY_CODE: dict[grpc.StatusCode, type[LeptonError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.NOT_FOUND: RunNotFound,
     grpc.StatusCode.INVALID_ARGUMENT: UpdateRejected,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: UpdateRejected,
     grpc.StatusCode.PERMISSION_DENIED: UpdateRejected,
     grpc.StatusCode.ALREADY_EXISTS: UpdateRejected,
 }

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from client_sdk.privacy import LocalDP, PrivateTraining, check_model, empty_batch_safe
 from client_sdk.training import (
     EvalResult,
     FitResult,
@@ -36,6 +37,16 @@ class TorchTrainer:
     The server's task config may override the recipe per run: `local_epochs` replaces
     `epochs`, `proximal_mu` turns on FedProx's proximal term, and the whole config reaches
     `optimizer` (so `lr` can come from the run).
+
+    With `privacy=LocalDP(...)` every fit trains with record-level DP-SGD through Opacus
+    (see `client_sdk.privacy`): the model is validated up front (`UnsupportedModelError`,
+    or Opacus' fix with `fix_model=True`, which replaces `self.model`), `train_loader` must
+    be a `DataLoader` over a sized dataset and `loss_fn` must average over the batch (the
+    default does). One accountant spans all fits, and each fit's metrics add ``epsilon``
+    (the client's cumulative ε at `privacy.delta`) and ``dp_noise_multiplier``.
+    `num_examples` stays the dataset size (Poisson batches vary in size). FedProx still
+    works: its proximal gradient μ(w − w_global) depends only on the weights, so it is added
+    after Opacus has clipped and noised the data gradient (post-processing, no privacy cost).
     """
 
     def __init__(
@@ -46,9 +57,15 @@ class TorchTrainer:
         optimizer: OptimizerFactory = sgd,
         epochs: int = 1,
         loss_fn: LossFn = nn.functional.cross_entropy,
+        privacy: LocalDP | None = None,
     ) -> None:
         if epochs < 1:
             raise ValueError("epochs must be at least 1")
+        self.privacy = privacy
+        self._private: PrivateTraining | None = None
+        if privacy is not None:
+            model = check_model(model, privacy.fix_model)
+            self._private = PrivateTraining(privacy, model, train_loader)
         self.model = model
         self.train_loader = train_loader
         self.test_loader = test_loader
@@ -57,6 +74,8 @@ class TorchTrainer:
         self.loss_fn = loss_fn
 
     def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+        if self._private is not None:
+            return self._fit_private(self._private, weights, config)
         load_weights(self.model, weights)
         epochs = int(config.get("local_epochs", self.epochs))
         optimizer = self.optimizer(self.model.parameters(), config)
@@ -66,8 +85,52 @@ class TorchTrainer:
             raise ValueError("the training data is empty")
         return FitResult(snapshot(self.model), examples, {"train_loss": loss})
 
+    def _fit_private(
+        self, private: PrivateTraining, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+    ) -> FitResult:
+        try:
+            load_weights(self.model, weights)
+        except ValueError as exc:
+            if private.dp.fix_model:
+                raise ValueError(
+                    f"{exc}; with LocalDP(fix_model=True) the server's model must be the same fixed "
+                    "model (build it with client_sdk.privacy.check_model(model, fix=True) everywhere)"
+                ) from exc
+            raise
+        epochs = int(config.get("local_epochs", self.epochs))
+        if epochs < 1:
+            raise ValueError("local_epochs must be at least 1")
+        optimizer = self.optimizer(self.model.parameters(), config)
+        mu = float(config.get("proximal_mu", 0.0))
+        if mu > 0:
+            _add_proximal_gradient(optimizer, self.model, mu)
+        model, dp_optimizer, loader = private.make_private(optimizer, epochs)
+        _, loss = train_epochs(model, lambda: loader, dp_optimizer, epochs, empty_batch_safe(self.loss_fn))
+        dp_optimizer.zero_grad(set_to_none=True)  # drop the last batch's per-example gradients
+        sigma = float(dp_optimizer.noise_multiplier)
+        metrics = {"train_loss": loss, "epsilon": private.epsilon, "dp_noise_multiplier": sigma}
+        return FitResult(snapshot(self.model), private.num_examples, metrics)
+
     def evaluate(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None) -> EvalResult:
         if self.test_loader is None:
             raise ValueError("TorchTrainer has no test_loader to evaluate on")
         load_weights(self.model, weights)
         return evaluate_model(self.model, self.test_loader, self.loss_fn)
+
+
+def _add_proximal_gradient(optimizer: torch.optim.Optimizer, model: nn.Module, mu: float) -> None:
+    """FedProx under DP-SGD: add μ(w − w_global) to each gradient just before `optimizer` steps.
+
+    Opacus replaces `p.grad` with the clipped, noised data gradient, so a proximal term put
+    in the loss (as `train_epochs` does) would be dropped; hooking the optimizer Opacus wraps
+    adds it to the privatized gradient instead. The anchors are the weights at entry.
+    """
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def hook(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        with torch.no_grad():
+            for p, anchor in anchors:
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(hook)

@@ -21,6 +21,7 @@ import torch
 
 from client_sdk.errors import AuthenticationError, ConnectionFailed, LeptonError, from_rpc_error
 from protos import PROTOCOL_VERSION
+from protos.channels import TLSFiles, open_channel
 from protos.codec import StreamLimits, assemble, iter_tensor_data, model_header
 from protos.scalars import fill_scalar_map, scalar_map_to_dict
 from protos.v1 import fleet_pb2 as pb
@@ -28,7 +29,8 @@ from protos.v1 import fleet_pb2_grpc
 
 log = logging.getLogger("leptonfl.client")
 T = TypeVar("T")
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# RESOURCE_EXHAUSTED is the daemon's rate limit ("slow down"): wait and try again.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class Stopped(Exception):
@@ -63,6 +65,7 @@ class FleetTransport:
         rpc_timeout: float = 30.0,
         chunk_bytes: int = 1 << 20,
         limits: StreamLimits = StreamLimits(),
+        tls: TLSFiles | None = None,
     ) -> None:
         self.server, self.app, self.name, self.run_id = server, app, name, run_id
         self.backoff = backoff
@@ -74,8 +77,9 @@ class FleetTransport:
         self.token = ""
         self.heartbeat_interval = 5.0
         self._rng = random.Random()
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             server,
+            tls,
             options=[
                 ("grpc.max_receive_message_length", 16 << 20),
                 # gRPC keeps its own reconnect schedule (1 s growing to 120 s) under ours; without
@@ -120,7 +124,7 @@ class FleetTransport:
                             code.name if code else "UNAVAILABLE",
                         ) from None
                     delay = next(delays)
-                    log.warning("%s: server %s unavailable, retrying in %.1f s", action, self.server, delay)
+                    log.warning("%s: server %s answered %s, retrying in %.1f s", action, self.server, code, delay)
                     self.wait(delay)
                     continue
                 if code == grpc.StatusCode.UNAUTHENTICATED and authenticated and not rejoined:

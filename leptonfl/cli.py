@@ -25,6 +25,17 @@ class CommandError(Exception):
 
 def _add_server(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help=DEFAULT_SERVER_HELP)
+    tls = p.add_argument_group("TLS (default: plaintext, with a warning)")
+    tls.add_argument(
+        "--certs",
+        default=None,
+        metavar="DIR",
+        help="certificates dir from `leptonfl certs` (default: $LEPTONFL_CERTS): its ca.pem, and "
+        "operator.pem/key for `run`, clients/NAME.pem/key for `client --name NAME`",
+    )
+    tls.add_argument("--ca", help="CA certificate that signed the server's certificate")
+    tls.add_argument("--cert", help="this peer's certificate (mutual TLS)")
+    tls.add_argument("--key", help="this peer's private key")
 
 
 def _add_strategy(p: argparse.ArgumentParser) -> None:
@@ -87,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a full round once min clients are online (default 3)",
     )
     start.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    start.add_argument(
+        "--tls-dir", help="certificates dir from `leptonfl certs init` (server.pem, server.key, ca.pem, crl.pem)"
+    )
+    start.add_argument("--tls-cert", help="server certificate (overrides --tls-dir)")
+    start.add_argument("--tls-key", help="server private key")
+    start.add_argument("--tls-ca", help="CA that signs client and operator certificates")
+    start.add_argument("--crl", help="revocation list, re-read when it changes (default: crl.pem of --tls-dir)")
+    start.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve plaintext without authentication (loopback demos and trusted networks only)",
+    )
+    start.add_argument("--join-rate", type=float, help="joins per second per peer (default 2, bursts of 10)")
+    start.add_argument("--upload-rate", type=float, help="uploads per second per client (default 2, bursts of 10)")
     migrate = server_cmds.add_parser("migrate", help="upgrade the database schema of a data dir")
     migrate.add_argument("--data-dir", default="leptonfl-data")
     migrate.add_argument("--db", default="")
@@ -153,6 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-forever", action="store_true", help="keep serving new runs instead of exiting when idle"
     )
 
+    certs = commands.add_parser("certs", help="provision a CA, server, operator and client certificates")
+    certs_cmds = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_cmds.add_parser("init", help="create a CA, a server certificate and an operator credential")
+    init.add_argument("dir")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="server host name or IP (repeatable; default localhost and 127.0.0.1)",
+    )
+    issue = certs_cmds.add_parser("client", help="issue a client certificate (its name is the client's identity)")
+    issue.add_argument("name")
+    issue.add_argument("--dir", required=True, help="the certificates dir of `certs init`")
+    issue.add_argument("--days", type=int, default=365)
+    issue.add_argument(
+        "--rotate", action="store_true", help="revoke the client's current certificate and issue a new one"
+    )
+    revoke = certs_cmds.add_parser("revoke", help="revoke a client's certificate (the daemon reloads crl.pem)")
+    revoke.add_argument("name")
+    revoke.add_argument("--dir", required=True)
+
     sim = commands.add_parser("sim", help="simulate many clients on this machine")
     sim.add_argument("--app", required=True)
     sim.add_argument("--clients", type=int, required=True)
@@ -180,9 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from leptonfl import commands
 
-    handler = {"server": commands.server, "run": commands.run, "client": commands.client, "sim": commands.sim}[
-        args.command
-    ]
+    handler = {
+        "server": commands.server,
+        "run": commands.run,
+        "client": commands.client,
+        "sim": commands.sim,
+        "certs": commands.certs,
+    }[args.command]
     try:
         return handler(args)
     except CommandError as exc:

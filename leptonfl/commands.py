@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from leptonfl.cli import CommandError
 
 if TYPE_CHECKING:  # the heavy imports stay lazy so `leptonfl --help` is instant
+    from protos.channels import TLSFiles
     from protos.v1 import control_pb2
     from server.control_client import ControlClient
     from simulations.apps import App
@@ -69,6 +71,19 @@ def privacy_from_args(args: argparse.Namespace) -> PrivacySettings:
     return settings
 
 
+def tls_from_args(args: argparse.Namespace, credential: str) -> TLSFiles | None:
+    """TLS files from --ca/--cert/--key, else from --certs DIR (or $LEPTONFL_CERTS); None means plaintext."""
+    from protos.channels import TLSFiles
+
+    if args.ca:
+        return TLSFiles(Path(args.ca), Path(args.cert) if args.cert else None, Path(args.key) if args.key else None)
+    directory = args.certs or os.environ.get("LEPTONFL_CERTS")
+    if directory:
+        return TLSFiles.from_dir(Path(directory), credential)
+    print("warning: connecting without TLS (pass --certs DIR or --ca/--cert/--key to use it)", file=sys.stderr)
+    return None
+
+
 def _server_address(args: argparse.Namespace) -> str:
     from server.config import default_server
 
@@ -115,6 +130,14 @@ def server(args: argparse.Namespace) -> int:
             "liveness_timeout_s",
             "selection_grace_s",
             "log_level",
+            "tls_dir",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "crl",
+            "insecure",
+            "join_rate",
+            "upload_rate",
         )
     }
     try:
@@ -126,7 +149,7 @@ def server(args: argparse.Namespace) -> int:
 
     try:
         return run_daemon(config)
-    except SchemaError as exc:
+    except (SchemaError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     except OSError as exc:
         raise CommandError(f"cannot start the daemon: {exc}") from exc
@@ -137,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from server.control_client import ControlClient, ControlError
 
     try:
-        with ControlClient(_server_address(args)) as control:
+        with ControlClient(_server_address(args), tls=tls_from_args(args, "operator")) as control:
             return _RUN_COMMANDS[args.run_command](control, args)
     except ControlError as exc:
         raise CommandError(str(exc)) from exc
@@ -326,6 +349,8 @@ def client(args: argparse.Namespace) -> int:
         optimizer=app.make_optimizer,
         loss_fn=app.loss_fn,
     )
+    if (args.certs or os.environ.get("LEPTONFL_CERTS")) and not args.ca and not args.name:
+        raise CommandError("with --certs, name the client (--name NAME) to pick clients/NAME.pem")
     fl_client = FederatedClient(
         _server_address(args),
         app.name,
@@ -333,6 +358,7 @@ def client(args: argparse.Namespace) -> int:
         name=args.name or f"partition {args.partition}",
         run_id=args.run_id,
         exit_when_idle=not args.serve_forever,
+        tls=tls_from_args(args, f"clients/{args.name}"),
     )
     import signal
 
@@ -345,6 +371,37 @@ def client(args: argparse.Namespace) -> int:
         f"client {fl_client.client_id}: trained {stats.rounds_trained} rounds, evaluated {stats.rounds_evaluated}",
         file=sys.stderr,
     )
+    return 0
+
+
+# certs -------------------------------------------------------------------------------------
+def certs(args: argparse.Namespace) -> int:
+    from server import provisioning
+
+    try:
+        if args.certs_command == "init":
+            made = provisioning.init_ca(Path(args.dir), args.host or ["localhost", "127.0.0.1"])
+            for role, credential in made.items():
+                print(f"{role:<9} {credential.cert}  (key {credential.key}, mode 0600)", file=sys.stderr)
+            print(f"start the daemon with --tls-dir {args.dir}; operators use --certs {args.dir}", file=sys.stderr)
+        elif args.certs_command == "client":
+            directory = Path(args.dir)
+            current = directory / "clients" / f"{args.name}.pem"
+            if args.rotate and current.exists():
+                serial = provisioning.revoke(directory, current)
+                for suffix in (".pem", ".key"):
+                    current.with_suffix(suffix).rename(current.with_suffix(f"{suffix}.revoked-{serial:x}"))
+                print(f"revoked the previous certificate of {args.name} (serial {serial:x})", file=sys.stderr)
+            credential = provisioning.issue_client(directory, args.name, args.days)
+            print(f"client {args.name}: {credential.cert} (key {credential.key}, mode 0600)", file=sys.stderr)
+        else:
+            serial = provisioning.revoke(Path(args.dir), Path(args.dir) / "clients" / f"{args.name}.pem")
+            print(
+                f"revoked {args.name} (serial {serial:x}); a running daemon reloads crl.pem within a second",
+                file=sys.stderr,
+            )
+    except (provisioning.ProvisioningError, OSError) as exc:
+        raise CommandError(str(exc)) from exc
     return 0
 
 

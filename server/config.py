@@ -35,10 +35,33 @@ class ServerConfig:
     max_round_attempts: int = 3
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
+    # TLS: `tls_dir` (from `leptonfl certs init`) supplies server.pem, server.key, ca.pem and
+    # crl.pem; the single-file settings override it. Plaintext needs `insecure = true`.
+    insecure: bool = False
+    tls_dir: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    crl: str = ""
+    join_rate: float = 2.0  # Joins per second per peer (bursts of 10)
+    upload_rate: float = 2.0  # uploads per second per client (bursts of 10)
 
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'leptonfl.db').resolve()}"
+
+    def tls_files(self) -> tuple[Path, Path, Path, Path | None] | None:
+        """(cert, key, client CA, CRL) of the daemon, or None when none is configured."""
+        base = Path(self.tls_dir) if self.tls_dir else None
+        cert = Path(self.tls_cert) if self.tls_cert else (base / "server.pem" if base else None)
+        key = Path(self.tls_key) if self.tls_key else (base / "server.key" if base else None)
+        ca = Path(self.tls_ca) if self.tls_ca else (base / "ca.pem" if base else None)
+        crl = Path(self.crl) if self.crl else (base / "crl.pem" if base else None)
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None or ca is None:
+            raise ValueError("TLS needs a certificate, its key and the CA that signs client certificates")
+        return cert, key, ca, crl
 
     def with_overrides(self, values: dict[str, Any]) -> ServerConfig:
         """Apply non-None values, converting types as the field declares and refusing unknown keys."""

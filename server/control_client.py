@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import torch
 
+from protos.channels import TLSFiles, open_channel
 from protos.codec import assemble, iter_tensor_data, model_header
 from protos.scalars import fill_scalar_map
 from protos.v1 import control_pb2 as pb
@@ -37,10 +38,10 @@ def status_name(run: pb.Run) -> str:
 
 
 class ControlClient:
-    def __init__(self, server: str, timeout: float = 30.0) -> None:
+    def __init__(self, server: str, timeout: float = 30.0, tls: TLSFiles | None = None) -> None:
         self.server = server
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", 16 << 20)])
+        self._channel = open_channel(server, tls, options=[("grpc.max_receive_message_length", 16 << 20)])
         self._stub = control_pb2_grpc.ControlStub(self._channel)
 
     def __enter__(self) -> ControlClient:

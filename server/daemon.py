@@ -16,6 +16,7 @@ from types import FrameType
 import grpc
 
 from protos.v1 import control_pb2_grpc, fleet_pb2_grpc
+from server.auth import Authorizer
 from server.checkpoints import CheckpointStore
 from server.config import ServerConfig
 from server.engine import EngineConfig, RoundEngine
@@ -44,6 +45,13 @@ class Daemon:
             max_update_bytes=config.max_update_bytes,
         )
         self.engine = RoundEngine(self.store, CheckpointStore(config.data_dir), engine_config)
+        self.tls = config.tls_files()
+        if self.tls is None and not config.insecure:
+            raise ValueError(
+                "no TLS certificate configured: pass --tls-dir DIR (made by `leptonfl certs init DIR`), or "
+                "--insecure to serve plaintext on a trusted network"
+            )
+        authorizer = Authorizer(self.tls is not None, *(self.tls[2:] if self.tls else ()))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
             options=[
@@ -54,20 +62,35 @@ class Daemon:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        fleet_pb2_grpc.add_FleetServicer_to_server(FleetServicer(self.engine, config.chunk_bytes), self._server)
-        control_pb2_grpc.add_ControlServicer_to_server(ControlServicer(self.engine, config.chunk_bytes), self._server)
+        fleet = FleetServicer(self.engine, config.chunk_bytes, authorizer, config.join_rate, config.upload_rate)
+        fleet_pb2_grpc.add_FleetServicer_to_server(fleet, self._server)
+        control = ControlServicer(self.engine, config.chunk_bytes, authorizer)
+        control_pb2_grpc.add_ControlServicer_to_server(control, self._server)
         self.address = ""
 
     def start(self) -> str:
         host, _, _ = self.config.address.rpartition(":")
-        port = self._server.add_insecure_port(self.config.address)
+        if self.tls is None:
+            log.warning(
+                "serving PLAINTEXT gRPC without authentication (--insecure): anyone who can reach "
+                "%s can join and operate runs; use only on loopback or a trusted network",
+                self.config.address,
+            )
+            port = self._server.add_insecure_port(self.config.address)
+        else:
+            cert, key, ca, _ = self.tls
+            credentials = grpc.ssl_server_credentials(
+                [(key.read_bytes(), cert.read_bytes())], root_certificates=ca.read_bytes(), require_client_auth=True
+            )
+            port = self._server.add_secure_port(self.config.address, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
         self.address = f"{host}:{port}"
         self._server.start()
         self.engine.start()
         log.info(
-            "leptonfl daemon listening on %s (data dir %s, db %s)",
+            "leptonfl daemon (%s) listening on %s (data dir %s, db %s)",
+            "mutual TLS" if self.tls else "plaintext",
             self.address,
             self.config.data_dir,
             _redact(self.config.db_url),

@@ -42,7 +42,6 @@ from server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
     Unauthenticated,
 )
 from server.store import (
@@ -235,8 +234,20 @@ class RoundEngine:
 
     # clients ----------------------------------------------------------------------------
     def join(
-        self, protocol_version: int, app: str, name: str, run_id: str, client_id: str = "", token: str = ""
+        self,
+        protocol_version: int,
+        app: str,
+        name: str,
+        run_id: str,
+        client_id: str = "",
+        token: str = "",
+        identity: str | None = None,
     ) -> tuple[str, str]:
+        """Register a client; returns (client id, session token).
+
+        With mTLS, `identity` (the certificate's common name) fixes the client id, so a
+        certificate always maps to the same client and can act only as that client.
+        """
         if protocol_version != PROTOCOL_VERSION:
             raise FailedPrecondition(
                 f"client speaks Lepton FL protocol v{protocol_version}, this server speaks "
@@ -248,6 +259,14 @@ class RoundEngine:
         if run_id and self.store.get_run(run_id) is None:
             raise NotFound(f"unknown run {run_id!r}")
         with self._lock:
+            if identity is not None:
+                client_id = _client_id_of(identity)
+                token = secrets.token_urlsafe(24)
+                mtls_record = ClientRecord(client_id, name or identity, app, run_id, token_digest(token))
+                self.store.save_client(mtls_record)
+                self._sessions[client_id] = Session(mtls_record, time.monotonic())
+                log.info("client %s joined with certificate %r (app %s)", client_id, identity, app)
+                return client_id, token
             if client_id:
                 known = self._sessions.get(client_id)
                 record = known.record if known else self.store.get_client(client_id)
@@ -264,7 +283,9 @@ class RoundEngine:
             log.info("client %s joined (app %s, %s)", client_id, app, name or "unnamed")
             return client_id, token
 
-    def authenticate(self, client_id: str, token: str) -> str:
+    def authenticate(self, client_id: str, token: str, identity: str | None = None) -> str:
+        if identity is not None and client_id != _client_id_of(identity):
+            raise PermissionDenied(f"certificate {identity!r} cannot act as client {client_id!r}")
         with self._lock:
             session = self._sessions.get(client_id)
             if session is None:
@@ -318,7 +339,7 @@ class RoundEngine:
         metrics = self._metrics(header.metrics)
         limits = self.config.stream_limits()
         if header.model.total_bytes > limits.max_total_bytes:
-            raise ResourceExhausted(
+            raise InvalidArgument(
                 f"update of {header.model.total_bytes} bytes exceeds the limit of {limits.max_total_bytes}"
             )
         try:
@@ -729,6 +750,10 @@ class RoundEngine:
             self._end_run(run.id, "completed")
         else:
             self._notify()
+
+
+def _client_id_of(identity: str) -> str:
+    return f"c-{identity}"
 
 
 def _ledger_from(state: Mapping[str, Any]) -> PrivacyLedger:

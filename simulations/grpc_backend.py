@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from client_sdk import FederatedClient, TorchTrainer
 from protos.v1 import control_pb2
-from server.control_client import ControlClient, status_name
+from server.control_client import ControlClient, ControlError, status_name
 from simulations.apps import App, loader
 from simulations.config import SimulationConfig
 from simulations.inprocess import client_seed
@@ -44,6 +45,7 @@ class DaemonProcess:
             "127.0.0.1:0",
             "--data-dir",
             str(data_dir),
+            "--insecure",  # loopback only: the harness and its clients share this machine
             *(extra_args or []),
         ]
         self.process: subprocess.Popen[bytes] | None = None
@@ -106,6 +108,10 @@ def run_grpc(
             dp = config.privacy.enabled
             for index in range(config.clients):
                 clients.append(_start_client(app, config, address, run.run_id, index, client_config))
+            watchdog = threading.Thread(
+                target=_cancel_if_clients_died, args=(address, run.run_id, clients), daemon=True
+            )
+            watchdog.start()
             reported: set[int] = set()
             for event in control.watch(run.run_id):
                 if event.HasField("round") and event.round.eval_clients and event.round.round not in reported:
@@ -113,7 +119,10 @@ def run_grpc(
                     on_round(record_from_summary(event.round, dp))
             detail = control.get_run(run.run_id)
             if status_name(detail.run) not in ("completed", "budget_exhausted"):
-                raise RuntimeError(f"run {run.run_id} ended {status_name(detail.run)}: {detail.run.status_reason}")
+                raise RuntimeError(
+                    f"run {run.run_id} ended {status_name(detail.run)}: {detail.run.status_reason} "
+                    f"(daemon log: {daemon.log_path})"
+                )
             records = [record_from_summary(r, dp) for r in detail.rounds]
             for record in records:
                 if record.round not in reported:
@@ -124,6 +133,20 @@ def run_grpc(
             client.stop()
         code = daemon.stop()
         log.info("daemon stopped (exit code %s)", code)
+
+
+def _cancel_if_clients_died(address: str, run_id: str, clients: list[FederatedClient]) -> None:
+    """If every simulated client has stopped (an error, not the run's end), cancel the run so the
+    simulation fails at once with the reason instead of waiting out its round deadlines."""
+    while any(c.running for c in clients):
+        time.sleep(0.5)
+    errors = [c.error for c in clients if c.error is not None]
+    if errors:
+        with ControlClient(address) as control:
+            try:
+                control.cancel_run(run_id, f"all {len(clients)} simulated clients stopped; first error: {errors[0]}")
+            except ControlError:
+                pass  # the run had already ended
 
 
 def _start_client(

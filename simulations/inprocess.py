@@ -49,9 +49,8 @@ def run_inprocess(
             # Poisson sampling with q = K / N, as the accountant assumes (and as the daemon does).
             upcoming = epsilon_over_budget(privacy, ledger, sample_rate)
             if upcoming is not None:
-                echo(
-                    f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, above {privacy.epsilon_budget:g}"
-                )
+                budget = privacy.epsilon_budget
+                echo(f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, above {budget:g}")
                 break
             selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
         else:

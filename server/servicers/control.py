@@ -11,8 +11,10 @@ from protos.codec import CodecError, ModelAssembler, iter_model_chunks, non_fini
 from protos.scalars import fill_scalar_map, scalar_map_to_dict
 from protos.v1 import control_pb2 as pb
 from protos.v1 import control_pb2_grpc, tensors_pb2
+from server.auth import Authorizer
 from server.engine import RoundEngine, RunSpecInput
 from server.errors import InvalidArgument
+from server.provisioning import ROLE_OPERATOR
 from server.servicers.status import streaming, unary
 from server.store import RoundRecord, RunRecord
 from strategies.factory import PrivacySettings
@@ -96,12 +98,16 @@ def round_to_pb(r: RoundRecord) -> pb.RoundSummary:
 
 
 class ControlServicer(control_pb2_grpc.ControlServicer):
-    def __init__(self, engine: RoundEngine, chunk_bytes: int) -> None:
+    """Every method first checks for an operator certificate (under TLS)."""
+
+    def __init__(self, engine: RoundEngine, chunk_bytes: int, authorizer: Authorizer) -> None:
         self.engine = engine
+        self.authorizer = authorizer
         self.chunk_bytes = chunk_bytes
 
     @unary
     def CreateRun(self, request_iterator: Iterator[pb.CreateRunChunk], context: grpc.ServicerContext) -> pb.Run:
+        self.authorizer.require(context, ROLE_OPERATOR)
         first = next(request_iterator, None)
         if first is None or not first.HasField("spec"):
             raise InvalidArgument("CreateRun must start with a RunSpec")
@@ -136,20 +142,24 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     @unary
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
+        self.authorizer.require(context, ROLE_OPERATOR)
         return pb.ListRunsResponse(runs=[run_to_pb(r) for r in self.engine.list_runs()])
 
     @unary
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.RunDetail:
+        self.authorizer.require(context, ROLE_OPERATOR)
         run = self.engine.get_run(request.run_id)
         local = self.engine.store.local_epsilons(run.id)
         return pb.RunDetail(run=run_to_pb(run, local), rounds=[round_to_pb(r) for r in self.engine.rounds(run.id)])
 
     @unary
     def CancelRun(self, request: pb.CancelRunRequest, context: grpc.ServicerContext) -> pb.Run:
+        self.authorizer.require(context, ROLE_OPERATOR)
         return run_to_pb(self.engine.cancel_run(request.run_id, request.reason))
 
     @streaming
     def WatchRun(self, request: pb.WatchRunRequest, context: grpc.ServicerContext) -> Iterator[pb.RunEvent]:
+        self.authorizer.require(context, ROLE_OPERATOR)
         version = -1
         sent: dict[int, bytes] = {}
         last_progress: bytes = b""
@@ -174,6 +184,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     def DownloadCheckpoint(
         self, request: pb.DownloadCheckpointRequest, context: grpc.ServicerContext
     ) -> Iterator[tensors_pb2.ModelChunk]:
+        self.authorizer.require(context, ROLE_OPERATOR)
         number = request.round if request.HasField("round") else None
         weights = self.engine.checkpoint_weights(request.run_id, number)
         yield from iter_model_chunks(weights, min(max(request.chunk_bytes or self.chunk_bytes, 64 << 10), 4 << 20))

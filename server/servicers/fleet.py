@@ -12,8 +12,10 @@ from protos.codec import iter_tensor_data, model_header
 from protos.scalars import fill_scalar_map
 from protos.v1 import fleet_pb2 as pb
 from protos.v1 import fleet_pb2_grpc, tensors_pb2
+from server.auth import Authorizer, RateLimiter
 from server.engine import EVALUATE, Idle, RoundEngine
 from server.errors import InvalidArgument
+from server.provisioning import ROLE_CLIENT
 from server.servicers.status import streaming, unary
 
 CLIENT_ID_KEY = "x-leptonfl-client-id"
@@ -21,20 +23,41 @@ TOKEN_KEY = "x-leptonfl-token"
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 4 << 20
 
 
-def caller(engine: RoundEngine, context: grpc.ServicerContext) -> str:
-    metadata = dict(context.invocation_metadata())
-    return engine.authenticate(str(metadata.get(CLIENT_ID_KEY, "")), str(metadata.get(TOKEN_KEY, "")))
-
-
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, engine: RoundEngine, chunk_bytes: int) -> None:
+    def __init__(
+        self,
+        engine: RoundEngine,
+        chunk_bytes: int,
+        authorizer: Authorizer,
+        join_rate: float = 2.0,
+        upload_rate: float = 2.0,
+    ) -> None:
         self.engine = engine
         self.chunk_bytes = chunk_bytes
+        self.authorizer = authorizer
+        self.join_limit = RateLimiter(join_rate, burst=10, what="joins")
+        self.upload_limit = RateLimiter(upload_rate, burst=10, what="uploads")
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        """The authenticated client id of this call (session token, and certificate under mTLS)."""
+        identity = self.authorizer.require(context, ROLE_CLIENT)
+        metadata = dict(context.invocation_metadata())
+        return self.engine.authenticate(
+            str(metadata.get(CLIENT_ID_KEY, "")), str(metadata.get(TOKEN_KEY, "")), identity.name if identity else None
+        )
 
     @unary
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        identity = self.authorizer.require(context, ROLE_CLIENT)
+        self.join_limit.check(identity.name if identity else context.peer().rsplit(":", 1)[0])
         client_id, token = self.engine.join(
-            request.protocol_version, request.app, request.name, request.run_id, request.client_id, request.token
+            request.protocol_version,
+            request.app,
+            request.name,
+            request.run_id,
+            request.client_id,
+            request.token,
+            identity.name if identity else None,
         )
         return pb.JoinResponse(
             client_id=client_id,
@@ -45,12 +68,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        caller(self.engine, context)
+        self._caller(context)
         return pb.HeartbeatResponse()
 
     @unary
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
-        answer = self.engine.get_task(caller(self.engine, context))
+        answer = self.engine.get_task(self._caller(context))
         if isinstance(answer, Idle):
             return pb.GetTaskResponse(
                 idle=pb.Idle(
@@ -72,7 +95,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def DownloadModel(
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[tensors_pb2.ModelChunk]:
-        weights = self.engine.task_model(caller(self.engine, context), request.task_id)
+        weights = self.engine.task_model(self._caller(context), request.task_id)
         chunk = min(max(request.chunk_bytes or self.chunk_bytes, MIN_CHUNK), MAX_CHUNK)
         yield tensors_pb2.ModelChunk(header=model_header(weights))
         for data in iter_tensor_data(weights, chunk):
@@ -82,7 +105,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadChunk], context: grpc.ServicerContext
     ) -> pb.UploadResponse:
-        client_id = caller(self.engine, context)
+        client_id = self._caller(context)
+        self.upload_limit.check(client_id)
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise InvalidArgument("an upload must start with an UploadHeader")
@@ -91,7 +115,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
 
     @unary
     def ReportEvaluation(self, request: pb.EvaluationReport, context: grpc.ServicerContext) -> pb.EvaluationResponse:
-        self.engine.report_evaluation(caller(self.engine, context), request)
+        self.engine.report_evaluation(self._caller(context), request)
         return pb.EvaluationResponse(accepted=True)
 
 

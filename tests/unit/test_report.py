@@ -114,11 +114,13 @@ def test_table_contains_headers_and_values() -> None:
         "eval loss",
         "accuracy",
         "seconds",
+        "epsilon",
     ):
         assert header in lines[0]
-    assert lines[2].split() == ["1", "20", "1437", "1.8123", "1.5000", "0.6111", "0.25"]
-    assert lines[3].split() == ["2", "19", "1370", "0.4123", "nan", "0.9170", "1.23"]
-    assert lines[4].split() == ["10", "20", "1437", "0.1000", "0.2000", "0.9500", "12.50"]
+    # Extra metrics get a column each; a round without one shows nan.
+    assert lines[2].split() == ["1", "20", "1437", "1.8123", "1.5000", "0.6111", "0.25", "0.5000"]
+    assert lines[3].split() == ["2", "19", "1370", "0.4123", "nan", "0.9170", "1.23", "nan"]
+    assert lines[4].split() == ["10", "20", "1437", "0.1000", "0.2000", "0.9500", "12.50", "1.2500"]
     # Right-aligned columns: every line is the same width.
     assert len({len(line) for line in lines}) == 1
 

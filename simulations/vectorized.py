@@ -1,0 +1,500 @@
+"""Vectorised backend: many virtual clients trained at once with `torch.func`.
+
+Same algorithm, same results as `simulations.inprocess` (up to float rounding): the same
+clients are sampled from the same `random.Random(seed)`, each client sees exactly the
+batches its `loader(train, batch_size, shuffle=True, seed=client_seed(...))` would yield,
+the strategy gets one `ClientUpdate` per client in selection order, and evaluation is the
+same federated evaluation. Only the local training loop differs: instead of one model
+stepping through one client after another, the global weights are copied into a stack of
+G client models (leading dimension G) and every SGD step of all G clients is one call of
+``vmap(grad(loss))`` through `functional_call`, followed by a functional SGD update on
+the stacked tensors (with momentum the way `torch.optim.SGD` does it: ``buf = m*buf + g``,
+the first step's ``buf = g``; no dampening, Nesterov or weight decay, as the default
+optimizer `client_sdk.training.sgd` never sets them).
+
+Clients rarely have equal data, so:
+
+* clients are packed into groups by number of local steps (sorted, then cut where a
+  simple cost model — per-step overhead plus per-client work — says a new group pays off;
+  a group is also capped by a memory budget), and a client with fewer steps than its
+  group's longest has its missing steps padded and masked: neither its weights nor its
+  momentum buffer move, and its loss is not counted;
+* a partial last batch is padded with masked samples, the loss being the mean over the
+  real samples only (sum of per-sample cross-entropy × mask / real count), which is the
+  same mean as `cross_entropy` over the unpadded batch.
+
+What cannot be vectorised exactly falls back to `run_inprocess` with one line
+``vectorized: falling back to inprocess: <reason>``: an app's own `make_optimizer` or
+`loss_fn`, a model with buffers (BatchNorm) or frozen or shared parameters, datasets that
+are not two-tensor `TensorDataset`s, and models that do not run (or give different
+gradients) under `vmap` — random ops like dropout among them. FedProx (`proximal_mu`) is
+vectorised: the objective gains (μ/2)‖w − w_global‖², as in `train_epochs`.
+
+Memory: a group holds G × (weights, gradients, momentum, one batch of activations); G is
+capped so that this stays under `memory_budget_bytes`. The trained weights of the round's
+clients are kept (as rows of the stacked tensors) until they are handed to the strategy in
+selection order, i.e. O(clients per round × model), like one stacked group of them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+from torch.utils.data import Subset, TensorDataset
+
+from client_sdk.training import load_weights, sgd
+from simulations.apps import App, loader
+from simulations.config import SimulationConfig
+from simulations.inprocess import Progress, _evaluate, client_seed, run_inprocess
+from simulations.report import RoundRecord
+from strategies import ClientUpdate
+from strategies.accounting import PrivacyLedger
+from strategies.factory import build_strategy, epsilon_over_budget
+
+Params = dict[str, torch.Tensor]
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+# Cost model for packing, in "client-steps": one vmapped step over G clients costs about
+# (STEP_OVERHEAD + G) client-steps (Python, dispatch and vmap bookkeeping are per step).
+STEP_OVERHEAD = 24.0
+EVAL_CHUNK = 8192
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run_vectorized(
+    app: App,
+    config: SimulationConfig,
+    on_round: Progress,
+    echo: Callable[[str], None] = lambda _: None,
+    *,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+    """`run_inprocess`'s contract and results, local training vectorised over clients."""
+    model = app.build_model()
+    reason = unsupported_reason(app, config, model)
+    if reason is not None:
+        echo(f"vectorized: falling back to inprocess: {reason}")
+        return run_inprocess(app, config, on_round, echo)
+    trainer = _VectorTrainer(app, model, memory_budget_bytes)
+
+    privacy = config.privacy
+    weights = app.initial_weights(config.seed)
+    strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
+    ledger = PrivacyLedger(privacy.accountant, delta=privacy.delta) if privacy.enabled else None
+    sample_rate = config.per_round / config.clients
+    sampler = random.Random(config.seed)
+    records: list[RoundRecord] = []
+    for number in range(1, config.rounds + 1):
+        started = time.perf_counter()
+        if ledger is not None:
+            upcoming = epsilon_over_budget(privacy, ledger, sample_rate)
+            if upcoming is not None:
+                echo(
+                    f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, "
+                    f"above {privacy.epsilon_budget:g}"
+                )
+                break
+            selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
+        else:
+            selected = sorted(sampler.sample(range(config.clients), config.per_round))
+        client_config = {**app.default_config, **config.client_config, **strategy.configure_round(number)}
+        clip_norm = getattr(strategy, "clip_norm", None)
+        aggregate = strategy.begin_round(number, weights)
+        plans = [trainer.plan(config, number, client, client_config) for client in selected]
+        for update in trainer.train(plans, weights, client_config):
+            aggregate.add(update)
+        weights = strategy.finish_round(number, weights, aggregate)
+        extra: dict[str, float] = {}
+        if ledger is not None:
+            ledger.record_round(privacy.noise_multiplier, sample_rate)
+            extra = {"epsilon": ledger.epsilon(), "clip_norm": float(clip_norm or math.nan)}
+        eval_loss, eval_accuracy = evaluate_stacked(app, config, model, weights, selected)
+        record = RoundRecord(
+            round=number,
+            num_clients=aggregate.num_updates,
+            num_examples=aggregate.num_examples,
+            train_loss=aggregate.metrics().get("train_loss", math.nan),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_accuracy,
+            duration_seconds=time.perf_counter() - started,
+            extra=extra,
+        )
+        records.append(record)
+        on_round(record)
+    return records, weights
+
+
+# ------------------------------------------------------------------------ what is supported
+
+
+def unsupported_reason(app: App, config: SimulationConfig, model: nn.Module | None = None) -> str | None:
+    """Why this app cannot be trained vectorised with inprocess' exact semantics, or None."""
+    if app.make_optimizer is not sgd:
+        return "the app defines its own make_optimizer"
+    if app.loss_fn is not F.cross_entropy:
+        return "the app defines its own loss_fn (only cross-entropy is vectorised)"
+    model = app.build_model() if model is None else model
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        return f"the model has buffers ({', '.join(buffers[:3])}), e.g. BatchNorm statistics"
+    params = dict(model.named_parameters())
+    if not params:
+        return "the model has no parameters"
+    frozen = [name for name, p in params.items() if not p.requires_grad]
+    if frozen:
+        return f"the model has frozen parameters ({', '.join(frozen[:3])})"
+    if list(model.state_dict()) != list(params):
+        return "the model's state_dict is not exactly its parameters (shared or extra tensors)"
+    train, test = app.load_dataset()
+    for part, dataset in (("train", train), ("test", test)):
+        if not isinstance(dataset, TensorDataset) or len(dataset.tensors) != 2:
+            return f"the {part} set is not a TensorDataset of (inputs, labels)"
+    if len(train) == 0:
+        return "the training set is empty"
+    batch_size = int({**app.default_config, **config.client_config}.get("batch_size", 32))
+    return _probe(model, train.tensors[0][: max(1, min(batch_size, 4))], train.tensors[1][: max(1, min(batch_size, 4))])
+
+
+def _probe(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """Run one vmapped gradient on two stacked copies and compare it to eager autograd."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    stacked = {name: p.unsqueeze(0).expand(2, *p.shape).clone() for name, p in params.items()}
+    model.train()
+    step = _make_step(model, 0.0)
+    count = float(len(targets))
+    try:
+        grads, _ = step(
+            stacked,
+            inputs.unsqueeze(0).expand(2, *inputs.shape),
+            targets.unsqueeze(0).expand(2, *targets.shape),
+            torch.ones(2, len(targets)),
+            torch.full((2,), count),
+            params,
+        )
+        eager = torch.autograd.grad(F.cross_entropy(model(inputs), targets), list(model.parameters()))
+    except Exception as exc:  # any failure means: not vectorisable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"the model does not train under torch.func.vmap ({type(exc).__name__}: {first[:160]})"
+    for (name, g), e in zip(grads.items(), eager, strict=True):
+        if not (torch.allclose(g[0], e, rtol=1e-4, atol=1e-6) and torch.allclose(g[1], e, rtol=1e-4, atol=1e-6)):
+            return f"vmapped gradients differ from eager ones (parameter {name})"
+    return None
+
+
+# ------------------------------------------------------------------------ the training step
+
+StepFn = Callable[..., tuple[Params, torch.Tensor]]
+
+
+def _make_step(model: nn.Module, mu: float) -> StepFn:
+    """vmap(grad(objective)) over stacked clients -> (per-client gradients, per-client data loss).
+
+    The data loss is the mean cross-entropy over the batch's real samples (`weight` 1, padding
+    0, `count` the number of real ones); FedProx adds (μ/2)‖w − anchor‖² to what is differentiated.
+    """
+
+    def objective(
+        params: Params,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor,
+        count: torch.Tensor,
+        anchors: Params,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = functional_call(model, params, (inputs,))
+        loss = (F.cross_entropy(outputs, targets, reduction="none") * weight).sum() / count
+        total = loss
+        if mu > 0:
+            drift = sum(((params[name] - anchors[name]) ** 2).sum() for name in params)
+            total = loss + mu / 2 * drift
+        return total, loss.detach()
+
+    return vmap(grad(objective, has_aux=True), in_dims=(0, 0, 0, 0, 0, None))
+
+
+# --------------------------------------------------------------------------- client plans
+
+
+@dataclass
+class ClientPlan:
+    """One selected client's local training: its samples (base-dataset rows) in batch order."""
+
+    client: int
+    examples: int  # per epoch
+    epochs: int
+    batch_size: int
+    order: torch.Tensor  # [epochs, n] base-dataset indices, each row one epoch's shuffled order
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.examples // self.batch_size)
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.batches_per_epoch
+
+
+def shuffled_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
+    """[epochs, count] positions, each row the order `loader(data, batch_size, True, seed)`
+    yields an epoch in when iterated `epochs` times (as `train_epochs` does).
+
+    Per epoch the DataLoader's iterator draws one int64 base seed from the generator, then
+    `RandomSampler` draws `randperm(count)` for the epoch and, when it is exhausted, one more
+    `randperm(count)` (for a zero-length remainder) — reproduced here draw for draw.
+    `loader_orders` is the slow, literal reference this is checked against.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        rows.append(torch.randperm(count, generator=generator))
+        torch.randperm(count, generator=generator)
+    return torch.stack(rows)
+
+
+def loader_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
+    """What `shuffled_orders` computes, obtained by iterating the very DataLoader `inprocess` uses."""
+    data = loader(TensorDataset(torch.arange(count)), batch_size, True, seed)
+    return torch.stack([torch.cat([batch for (batch,) in data]) for _ in range(epochs)])
+
+
+# ------------------------------------------------------------------------------- packing
+
+
+def pack_groups(steps: Sequence[int], cap: int, overhead: float = STEP_OVERHEAD) -> list[list[int]]:
+    """Partition clients (given their step counts) into groups trained together.
+
+    Clients are sorted by steps (descending, ties by position) and cut into contiguous runs;
+    a run of size s whose longest client has T steps costs T × (⌈s/cap⌉ × overhead + s)
+    client-steps (padding included), and the cheapest cut is found by dynamic programming
+    over the points where the step count changes. Runs larger than `cap` are split evenly.
+    Returns lists of indices into `steps`; deterministic.
+    """
+    order = sorted((i for i in range(len(steps)) if steps[i] > 0), key=lambda i: (-steps[i], i))
+    if not order:
+        return []
+    cuts = [0] + [k for k in range(1, len(order)) if steps[order[k]] != steps[order[k - 1]]] + [len(order)]
+    best = [0.0] + [math.inf] * (len(cuts) - 1)
+    back = [0] * len(cuts)
+    for j in range(1, len(cuts)):
+        for i in range(j):
+            size = cuts[j] - cuts[i]
+            cost = best[i] + steps[order[cuts[i]]] * (math.ceil(size / cap) * overhead + size)
+            if cost < best[j]:
+                best[j], back[j] = cost, i
+    runs = []
+    j = len(cuts) - 1
+    while j > 0:
+        runs.append((cuts[back[j]], cuts[j]))
+        j = back[j]
+    groups: list[list[int]] = []
+    for start, stop in reversed(runs):
+        pieces = math.ceil((stop - start) / cap)
+        bounds = [start + (stop - start) * k // pieces for k in range(pieces + 1)]
+        groups.extend(order[a:b] for a, b in zip(bounds, bounds[1:], strict=False))
+    return groups
+
+
+# ------------------------------------------------------------------------------- trainer
+
+
+class _VectorTrainer:
+    def __init__(self, app: App, model: nn.Module, memory_budget_bytes: int) -> None:
+        self.app = app
+        self.model = model
+        self.model.train()
+        train, _ = app.load_dataset()
+        assert isinstance(train, TensorDataset)
+        self.inputs, self.targets = train.tensors[0], train.tensors[1]
+        self.names = [name for name, _ in model.named_parameters()]
+        self.budget = memory_budget_bytes
+        self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.sample_bytes = self.inputs[:1].numel() * self.inputs.element_size()
+        self.activation_bytes_per_sample = _saved_bytes_per_sample(model, self.inputs[:8], self.targets[:8])
+        self._orders_checked = False
+        self._fast_orders = True
+        self._steps: dict[float, StepFn] = {}
+
+    # -- planning
+
+    def plan(self, config: SimulationConfig, number: int, client: int, client_config: Mapping[str, Any]) -> ClientPlan:
+        train, _ = self.app.partition(client, config.clients, config.partition, config.seed)
+        if not isinstance(train, Subset):
+            raise TypeError(f"App.partition returned {type(train).__name__}, not a Subset of the training set")
+        rows = torch.as_tensor(list(train.indices), dtype=torch.long)
+        batch_size = int(client_config.get("batch_size", 32))
+        epochs = int(client_config.get("local_epochs", 1))
+        seed = client_seed(config.seed, number, client)
+        if len(rows) == 0:
+            loader(train, batch_size, True, seed)  # raises exactly as inprocess does on empty data
+        positions = self._orders(len(rows), batch_size, seed, epochs)
+        order = rows[positions] if len(rows) else torch.empty(epochs, 0, dtype=torch.long)
+        return ClientPlan(client, len(rows), epochs, batch_size, order)
+
+    def _orders(self, count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
+        if epochs < 1 or count == 0:
+            return torch.empty(max(epochs, 0), count, dtype=torch.long)
+        if not self._fast_orders:
+            return loader_orders(count, batch_size, seed, epochs)
+        fast = shuffled_orders(count, batch_size, seed, epochs)
+        if not self._orders_checked:  # once per run, the fast path is checked against the real loader
+            self._orders_checked = True
+            reference = loader_orders(count, batch_size, seed, epochs)
+            if not torch.equal(fast, reference):  # a torch release changed DataLoader's draws
+                self._fast_orders = False
+                return reference
+        return fast
+
+    # -- training
+
+    def group_cap(self, batch_size: int, momentum: float) -> int:
+        state = self.param_bytes * (4 if momentum else 3)  # weights, gradients, update temporaries, momentum
+        batch = batch_size * (self.sample_bytes + 3 * self.activation_bytes_per_sample + 64)
+        return max(1, self.budget // max(1, state + batch))
+
+    def train(
+        self, plans: list[ClientPlan], weights: Mapping[str, torch.Tensor], client_config: Mapping[str, Any]
+    ) -> list[ClientUpdate]:
+        """Train every planned client from `weights`; their updates in plan (selection) order."""
+        lr = float(client_config.get("lr", 0.05))
+        momentum = float(client_config.get("momentum", 0.0))
+        mu = float(client_config.get("proximal_mu", 0.0))
+        if mu not in self._steps:
+            self._steps[mu] = _make_step(self.model, mu)
+        step = self._steps[mu]
+        self.model.train()
+        anchors = {name: weights[name].detach() for name in self.names}
+        results: list[ClientUpdate | None] = [None] * len(plans)
+        for i, plan in enumerate(plans):
+            if plan.steps == 0:  # local_epochs < 1: train_epochs returns the weights untouched
+                results[i] = ClientUpdate({n: weights[n].clone() for n in self.names}, 0, {"train_loss": math.nan})
+        batch_size = plans[0].batch_size if plans else 1
+        cap = self.group_cap(batch_size, momentum)
+        for group in pack_groups([p.steps for p in plans], cap):
+            members = [plans[i] for i in group]
+            params, losses = self._train_group(members, anchors, step, lr, momentum)
+            for j, i in enumerate(group):
+                plan = plans[i]
+                results[i] = ClientUpdate(
+                    {name: params[name][j] for name in self.names}, plan.examples, {"train_loss": losses[j]}
+                )
+        return [r for r in results if r is not None]
+
+    def _train_group(
+        self, members: list[ClientPlan], anchors: Params, step: StepFn, lr: float, momentum: float
+    ) -> tuple[Params, list[float]]:
+        size = len(members)
+        batch = members[0].batch_size
+        longest = max(m.steps for m in members)
+        # [longest, size, batch] rows of the base dataset, sample weights and real-sample counts
+        rows = torch.zeros(longest, size, batch, dtype=torch.long)
+        weight = torch.zeros(longest, size, batch)
+        for j, m in enumerate(members):
+            per_epoch = m.batches_per_epoch * batch
+            padded = torch.zeros(m.epochs, per_epoch, dtype=torch.long)
+            padded[:, : m.examples] = m.order
+            padded[:, m.examples :] = m.order[:, :1]  # any real row: its weight is 0
+            rows[: m.steps, j] = padded.view(m.steps, batch)
+            mask = torch.zeros(per_epoch)
+            mask[: m.examples] = 1.0
+            weight[: m.steps, j] = mask.view(m.batches_per_epoch, batch).repeat(m.epochs, 1)
+        counts = weight.sum(dim=2)  # [longest, size]
+        active = counts > 0
+        full = active.all(dim=1).tolist()
+        # the last epoch's loss is what train_epochs reports: weight each step's mean by its count
+        last_epoch = torch.zeros(longest, size, dtype=torch.float64)
+        for j, m in enumerate(members):
+            last_epoch[(m.epochs - 1) * m.batches_per_epoch : m.steps, j] = 1.0
+        last_epoch *= counts.double()
+        counts.clamp_(min=1.0)
+
+        params = {n: anchors[n].unsqueeze(0).expand(size, *anchors[n].shape).clone() for n in self.names}
+        buffers = {n: torch.zeros_like(p) for n, p in params.items()} if momentum else {}
+        step_losses = []
+        with torch.no_grad():
+            for t in range(longest):
+                index = rows[t]
+                grads, loss = step(params, self.inputs[index], self.targets[index], weight[t], counts[t], anchors)
+                step_losses.append(loss)
+                keep = None if full[t] else active[t]
+                for n in self.names:
+                    g = grads[n]
+                    if momentum:
+                        buf = buffers[n]
+                        if keep is None:
+                            direction = buf.mul_(momentum).add_(g)
+                        else:
+                            shaped = keep.view(size, *([1] * (g.dim() - 1)))
+                            buf.copy_(torch.where(shaped, buf * momentum + g, buf))
+                            direction = buf
+                    else:
+                        direction = g
+                    if keep is None:
+                        params[n].add_(direction, alpha=-lr)
+                    else:
+                        shaped = keep.view(size, *([1] * (g.dim() - 1)))
+                        params[n].copy_(torch.where(shaped, params[n] - lr * direction, params[n]))
+        loss_sums = (torch.stack(step_losses).double() * last_epoch).sum(dim=0)
+        examples = torch.tensor([m.examples for m in members], dtype=torch.float64)
+        return params, (loss_sums / examples).tolist()
+
+
+def _saved_bytes_per_sample(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """Bytes autograd saves for backward per sample (activations), measured on a small batch."""
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(inputs), targets)
+    return saved // max(1, len(inputs))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_stacked(
+    app: App, config: SimulationConfig, model: nn.Module, weights: Mapping[str, torch.Tensor], clients: list[int]
+) -> tuple[float, float]:
+    """`inprocess._evaluate` (federated evaluation on the round's clients' test shares) in a few
+    large forward passes over all their test rows at once instead of one loader per client."""
+    if not clients:
+        return math.nan, math.nan
+    rows = []
+    test: TensorDataset | None = None
+    for client in clients:
+        _, share = app.partition(client, config.clients, config.partition, config.seed)
+        if len(share) == 0 or not isinstance(share.dataset, TensorDataset):
+            return _evaluate(app, config, model, dict(weights), clients)  # same behaviour (and error)
+        test = share.dataset
+        rows.append(torch.as_tensor(list(share.indices), dtype=torch.long))
+    assert test is not None
+    inputs, targets = test.tensors[0], test.tensors[1]
+    index = torch.cat(rows)
+    load_weights(model, weights)
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(index), EVAL_CHUNK):
+        chunk = index[start : start + EVAL_CHUNK]
+        outputs = model(inputs[chunk])
+        labels = targets[chunk]
+        loss_sum += float(F.cross_entropy(outputs, labels, reduction="none").double().sum())
+        if outputs.dim() == 2 and not labels.is_floating_point():
+            correct += int((outputs.argmax(dim=1) == labels).sum())
+    model.train()
+    return loss_sum / len(index), correct / len(index)
