@@ -56,6 +56,12 @@ def _add_strategy(p: argparse.ArgumentParser) -> None:
     dp.add_argument("--clip-quantile", type=float, default=0.5, help="adaptive: target unclipped fraction")
     dp.add_argument("--clip-lr", type=float, default=0.2, help="adaptive: learning rate of the clip norm")
     dp.add_argument("--initial-clip-norm", type=float, default=0.1, help="adaptive: starting clip norm")
+    dp.add_argument(
+        "--clipped-count-stddev",
+        type=float,
+        default=0.0,
+        help="adaptive: noise std of the unclipped count (default K/20; needs z < 2x this)",
+    )
     dp.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
     dp.add_argument("--epsilon-budget", type=float, default=0.0, help="stop before epsilon would exceed this")
     dp.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="Opacus accountant (default rdp)")
@@ -206,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, required=True)
     sim.add_argument("--clients-per-round", type=int, help="default: all clients every round")
     sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
-    sim.add_argument("--backend", default="inprocess", choices=["inprocess", "grpc"])
+    sim.add_argument(
+        "--backend",
+        default="inprocess",
+        choices=["inprocess", "vectorized", "grpc"],
+        help="inprocess (default), vectorized (many small clients at once, torch.func), grpc (real daemon)",
+    )
     _add_strategy(sim)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")

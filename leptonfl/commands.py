@@ -63,6 +63,7 @@ def privacy_from_args(args: argparse.Namespace) -> PrivacySettings:
         delta=args.delta,
         epsilon_budget=args.epsilon_budget,
         accountant=args.accountant,
+        clipped_count_stddev=args.clipped_count_stddev,
     )
     try:
         settings.validate()

@@ -435,7 +435,9 @@ class RoundEngine:
             raise InvalidArgument("rounds must be at least 1")
         if spec.clients_per_round < 1:
             raise InvalidArgument("clients per round must be at least 1")
-        if not 1 <= spec.min_clients <= spec.clients_per_round:
+        # Under central DP, min_clients is the smallest online population a round samples from
+        # (q = K / population), so it may exceed K; otherwise it is the quorum, at most K.
+        if spec.min_clients < 1 or (not spec.privacy.enabled and spec.min_clients > spec.clients_per_round):
             raise InvalidArgument(
                 f"min clients must be between 1 and clients per round ({spec.clients_per_round}), "
                 f"got {spec.min_clients}"
@@ -444,6 +446,9 @@ class RoundEngine:
             raise InvalidArgument("round timeout must be a positive number of seconds")
         try:
             strategy = build_strategy(spec.strategy, spec.strategy_params, spec.privacy, spec.clients_per_round)
+            validate_for = getattr(strategy, "validate_for", None)
+            if validate_for is not None:  # e.g. Krum: a round may close with as few as min_clients updates
+                validate_for(spec.min_clients)
             ledger = PrivacyLedger(spec.privacy.accountant, delta=spec.privacy.delta) if spec.privacy.enabled else None
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(str(exc)) from exc

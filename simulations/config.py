@@ -9,7 +9,7 @@ from typing import Any
 
 from strategies.factory import PrivacySettings
 
-BACKENDS = ("inprocess", "grpc")
+BACKENDS = ("inprocess", "vectorized", "grpc")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ def run_simulation(
         from simulations.grpc_backend import run_grpc
 
         records, weights = run_grpc(app, config, on_round)
+    elif config.backend == "vectorized":
+        from simulations.vectorized import run_vectorized
+
+        records, weights = run_vectorized(app, config, on_round, echo)
     else:
         from simulations.inprocess import run_inprocess
 

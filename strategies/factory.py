@@ -34,6 +34,7 @@ class PrivacySettings:
     delta: float = 1e-5
     epsilon_budget: float = 0.0  # 0: no budget
     accountant: str = "rdp"
+    clipped_count_stddev: float = 0.0  # adaptive: noise of the clipped count; 0 means K/20 (Andrew et al.)
 
     @property
     def enabled(self) -> bool:
@@ -105,5 +106,6 @@ def build_strategy(
         target_quantile=privacy.target_quantile,
         clip_lr=privacy.clip_lr,
         initial_clip_norm=privacy.initial_clip_norm,
+        clipped_count_stddev=(privacy.clipped_count_stddev or None) if privacy.adaptive_clipping else None,
         seed=seed,
     )

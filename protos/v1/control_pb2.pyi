@@ -157,6 +157,7 @@ class PrivacySpec(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     EPSILON_BUDGET_FIELD_NUMBER: _builtins.int
     ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _builtins.int
     mode: _builtins.str
     """"" or "central" """
     noise_multiplier: _builtins.float
@@ -171,6 +172,8 @@ class PrivacySpec(_message.Message):
     """Stop the run before a round would take epsilon above this; 0 means no budget."""
     accountant: _builtins.str
     """"rdp" (default) or "prv" """
+    clipped_count_stddev: _builtins.float
+    """Adaptive clipping: std of the noise on the unclipped count; 0 means expected clients / 20."""
     def __init__(
         self,
         *,
@@ -184,10 +187,11 @@ class PrivacySpec(_message.Message):
         delta: _builtins.float = ...,
         epsilon_budget: _builtins.float = ...,
         accountant: _builtins.str = ...,
+        clipped_count_stddev: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_lr", b"clip_lr", "clip_norm", b"clip_norm", "delta", b"delta", "epsilon_budget", b"epsilon_budget", "initial_clip_norm", b"initial_clip_norm", "mode", b"mode", "noise_multiplier", b"noise_multiplier", "target_quantile", b"target_quantile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_lr", b"clip_lr", "clip_norm", b"clip_norm", "clipped_count_stddev", b"clipped_count_stddev", "delta", b"delta", "epsilon_budget", b"epsilon_budget", "initial_clip_norm", b"initial_clip_norm", "mode", b"mode", "noise_multiplier", b"noise_multiplier", "target_quantile", b"target_quantile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -48,6 +48,7 @@ def privacy_from_pb(spec: pb.PrivacySpec) -> PrivacySettings:
         delta=spec.delta or defaults.delta,
         epsilon_budget=spec.epsilon_budget,
         accountant=spec.accountant or defaults.accountant,
+        clipped_count_stddev=spec.clipped_count_stddev,
     )
 
 
