@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="inprocess (default), vectorized (many small clients at once, torch.func), grpc (real daemon)",
     )
     _add_strategy(sim)
+    sim.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="inprocess: worker processes, one intra-op thread each (default 0: one per core)",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")
     sim.add_argument(

@@ -429,6 +429,7 @@ def sim(args: argparse.Namespace) -> int:
         strategy_params=parse_settings(args.strategy_params),
         client_config=parse_settings(args.settings),
         privacy=privacy_from_args(args),
+        workers=args.workers,
     )
     from server.control_client import ControlError
 

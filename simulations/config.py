@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,14 @@ class SimulationConfig:
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     client_config: Mapping[str, Any] = field(default_factory=dict)  # overrides the app's defaults
     round_timeout_s: float = 300.0
-    privacy: PrivacySettings = PrivacySettings()  # with central DP, clients_per_round is the expected K
+    privacy: PrivacySettings = PrivacySettings()
+    # inprocess: worker processes (0 = one per available core; 1 = this process only)
+    workers: int = 1  # with central DP, clients_per_round is the expected K
+
+    def worker_count(self) -> int:
+        if self.workers > 0:
+            return self.workers
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
     @property
     def per_round(self) -> int:

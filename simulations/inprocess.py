@@ -1,9 +1,11 @@
-"""In-process backend: virtual clients trained one after another in this process.
+"""In-process backend: virtual clients trained in this process, or in one worker process per
+core (`SimulationConfig.workers`), never serialising a model to bytes.
 
-One model is built once and re-used: each client's start weights are copied into it in
-place, its update is folded straight into the strategy's running aggregate, and nothing
-is serialised. The strategy (and central DP, sampling and accounting) and the training
-functions are the daemon's and the SDK's own.
+Each process builds the model once and re-uses it: a client's start weights are copied into
+it in place and its update is folded straight into the strategy's running aggregate. With
+workers, each folds its share of the round's clients into a partial aggregate, and the
+partials are merged once per round. The strategy (and central DP, sampling and accounting)
+and the training functions are the daemon's and the SDK's own.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -20,7 +23,7 @@ from client_sdk.training import evaluate_model, load_weights, snapshot, train_ep
 from simulations.apps import App, loader
 from simulations.config import SimulationConfig
 from simulations.report import RoundRecord
-from strategies import ClientUpdate
+from strategies import ClientUpdate, RoundAggregate
 from strategies.accounting import PrivacyLedger
 from strategies.factory import build_strategy, epsilon_over_budget
 
@@ -32,67 +35,48 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63)
 
 
-def run_inprocess(
-    app: App, config: SimulationConfig, on_round: Progress, echo: Callable[[str], None] = lambda _: None
-) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
-    privacy = config.privacy
-    weights = app.initial_weights(config.seed)
-    strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
-    ledger = PrivacyLedger(privacy.accountant, delta=privacy.delta) if privacy.enabled else None
-    sample_rate = config.per_round / config.clients
-    model = app.build_model()
-    sampler = random.Random(config.seed)
-    records: list[RoundRecord] = []
-    for number in range(1, config.rounds + 1):
-        started = time.perf_counter()
-        if ledger is not None:
-            # Poisson sampling with q = K / N, as the accountant assumes (and as the daemon does).
-            upcoming = epsilon_over_budget(privacy, ledger, sample_rate)
-            if upcoming is not None:
-                budget = privacy.epsilon_budget
-                echo(f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, above {budget:g}")
-                break
-            selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
-        else:
-            selected = sorted(sampler.sample(range(config.clients), config.per_round))
-        client_config = {**app.default_config, **config.client_config, **strategy.configure_round(number)}
-        batch_size = int(client_config.get("batch_size", 32))
-        epochs = int(client_config.get("local_epochs", 1))
-        mu = float(client_config.get("proximal_mu", 0.0))
-        clip_norm = getattr(strategy, "clip_norm", None)
-        aggregate = strategy.begin_round(number, weights)
-        for client in selected:
-            train, _ = app.partition(client, config.clients, config.partition, config.seed)
-            load_weights(model, weights)
-            optimizer = app.make_optimizer(model.parameters(), client_config)
-            data = loader(train, batch_size, True, client_seed(config.seed, number, client))
-            examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn, mu)
-            aggregate.add(ClientUpdate(snapshot(model), examples, {"train_loss": loss}))
-        weights = strategy.finish_round(number, weights, aggregate)
-        extra: dict[str, float] = {}
-        if ledger is not None:
-            ledger.record_round(privacy.noise_multiplier, sample_rate)
-            extra = {"epsilon": ledger.epsilon(), "clip_norm": float(clip_norm or math.nan)}
-        eval_loss, eval_accuracy = _evaluate(app, config, model, weights, selected)
-        record = RoundRecord(
-            round=number,
-            num_clients=aggregate.num_updates,
-            num_examples=aggregate.num_examples,
-            train_loss=aggregate.metrics().get("train_loss", math.nan),
-            eval_loss=eval_loss,
-            eval_accuracy=eval_accuracy,
-            duration_seconds=time.perf_counter() - started,
-            extra=extra,
-        )
-        records.append(record)
-        on_round(record)
-    return records, weights
+def train_client(
+    app: App,
+    config: SimulationConfig,
+    model: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    client: int,
+    number: int,
+    client_config: Mapping[str, Any],
+) -> ClientUpdate:
+    """One virtual client's local training from `weights`, as `TorchTrainer.fit` would do it."""
+    train, _ = app.partition(client, config.clients, config.partition, config.seed)
+    load_weights(model, weights)
+    optimizer = app.make_optimizer(model.parameters(), client_config)
+    data = loader(train, int(client_config.get("batch_size", 32)), True, client_seed(config.seed, number, client))
+    epochs = int(client_config.get("local_epochs", 1))
+    mu = float(client_config.get("proximal_mu", 0.0))
+    examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn, mu)
+    return ClientUpdate(snapshot(model), examples, {"train_loss": loss})
 
 
-def _evaluate(
-    app: App, config: SimulationConfig, model: torch.nn.Module, weights: dict[str, torch.Tensor], clients: list[int]
-) -> tuple[float, float]:
-    """Federated evaluation of the new global model on the round's clients' test shares."""
+def fold_clients(
+    app: App,
+    config: SimulationConfig,
+    model: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    clients: Sequence[int],
+    number: int,
+    client_config: Mapping[str, Any],
+    aggregate: RoundAggregate,
+) -> None:
+    for client in clients:
+        aggregate.add(train_client(app, config, model, weights, client, number, client_config))
+
+
+def evaluation_sums(
+    app: App,
+    config: SimulationConfig,
+    model: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    clients: Sequence[int],
+) -> tuple[int, float, float]:
+    """(examples, loss sum, correct) of `weights` on the clients' test shares."""
     load_weights(model, weights)
     examples, loss_sum, correct = 0, 0.0, 0.0
     for client in clients:
@@ -101,4 +85,82 @@ def _evaluate(
         examples += result.num_examples
         loss_sum += result.loss * result.num_examples
         correct += result.metrics["accuracy"] * result.num_examples
+    return examples, loss_sum, correct
+
+
+def _evaluate(
+    app: App, config: SimulationConfig, model: torch.nn.Module, weights: dict[str, torch.Tensor], clients: list[int]
+) -> tuple[float, float]:
+    """Federated evaluation of the new global model on the round's clients' test shares."""
+    examples, loss_sum, correct = evaluation_sums(app, config, model, weights, clients)
     return (loss_sum / examples, correct / examples) if examples else (math.nan, math.nan)
+
+
+def run_inprocess(
+    app: App, config: SimulationConfig, on_round: Progress, echo: Callable[[str], None] = lambda _: None
+) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+    from simulations.pool import WorkerPool
+
+    workers = config.worker_count()
+    pool: WorkerPool | None = None
+    privacy = config.privacy
+    weights = app.initial_weights(config.seed)
+    strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
+    ledger = PrivacyLedger(privacy.accountant, delta=privacy.delta) if privacy.enabled else None
+    sample_rate = config.per_round / config.clients
+    model = app.build_model()
+    sampler = random.Random(config.seed)
+    records: list[RoundRecord] = []
+    try:
+        for number in range(1, config.rounds + 1):
+            started = time.perf_counter()
+            if ledger is not None:
+                # Poisson sampling with q = K / N, as the accountant assumes (and as the daemon does).
+                upcoming = epsilon_over_budget(privacy, ledger, sample_rate)
+                if upcoming is not None:
+                    budget = privacy.epsilon_budget
+                    echo(f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, above {budget:g}")
+                    break
+                selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
+            else:
+                selected = sorted(sampler.sample(range(config.clients), config.per_round))
+            client_config = {**app.default_config, **config.client_config, **strategy.configure_round(number)}
+            clip_norm = getattr(strategy, "clip_norm", None)
+            aggregate = strategy.begin_round(number, weights)
+            if pool is None and workers > 1 and aggregate.mergeable:
+                pool = WorkerPool(app, config, workers)
+                echo(f"training on {workers} worker processes")
+            parallel = pool is not None and aggregate.mergeable and len(selected) > 1
+            if parallel:
+                assert pool is not None
+                for partial_aggregate in pool.train(number, weights, aggregate, selected, client_config):
+                    aggregate.merge(partial_aggregate)
+            else:
+                fold_clients(app, config, model, weights, selected, number, client_config, aggregate)
+            weights = strategy.finish_round(number, weights, aggregate)
+            extra: dict[str, float] = {}
+            if ledger is not None:
+                ledger.record_round(privacy.noise_multiplier, sample_rate)
+                extra = {"epsilon": ledger.epsilon(), "clip_norm": float(clip_norm or math.nan)}
+            if parallel:
+                assert pool is not None
+                examples, loss_sum, correct = pool.evaluate(weights, selected)
+                eval_loss, eval_accuracy = (loss_sum / examples, correct / examples) if examples else (math.nan,) * 2
+            else:
+                eval_loss, eval_accuracy = _evaluate(app, config, model, weights, selected)
+            record = RoundRecord(
+                round=number,
+                num_clients=aggregate.num_updates,
+                num_examples=aggregate.num_examples,
+                train_loss=aggregate.metrics().get("train_loss", math.nan),
+                eval_loss=eval_loss,
+                eval_accuracy=eval_accuracy,
+                duration_seconds=time.perf_counter() - started,
+                extra=extra,
+            )
+            records.append(record)
+            on_round(record)
+    finally:
+        if pool is not None:
+            pool.close()
+    return records, weights

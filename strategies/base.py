@@ -65,6 +65,25 @@ class RoundAggregate(ABC):
                 self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value * update.num_examples
                 self._metric_weights[key] = self._metric_weights.get(key, 0) + update.num_examples
 
+    def merge(self, other: RoundAggregate) -> None:
+        """Fold in another partial aggregate of the same round — e.g. one a simulation worker
+        process built from its share of the clients — so results are reduced once per round."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        self._merge_state(other)
+        self.num_updates += other.num_updates
+        self.num_examples += other.num_examples
+        for key, total in other._metric_sums.items():
+            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + total
+            self._metric_weights[key] = self._metric_weights.get(key, 0) + other._metric_weights[key]
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self)._merge_state is not RoundAggregate._merge_state
+
+    def _merge_state(self, other: RoundAggregate) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge partial aggregates")
+
     def metrics(self) -> dict[str, float]:
         """Example-weighted mean of every numeric client metric (e.g. train_loss)."""
         return {k: self._metric_sums[k] / self._metric_weights[k] for k in self._metric_sums}

@@ -128,6 +128,16 @@ class ClippedSum(RoundAggregate):
             total.add_(update.weights[name].detach().to(device="cpu", dtype=torch.float64) * update.num_examples)
         self.num_unclipped += int(unclipped)
 
+    def _merge_state(self, other: RoundAggregate) -> None:
+        assert isinstance(other, ClippedSum)
+        if other.clip_norm != self.clip_norm:
+            raise ValueError("partial sums clipped at different norms cannot be merged")
+        for name, total in other._delta_sums.items():
+            self._delta_sums[name].add_(total)
+        for name, total in other._other_sums.items():
+            self._other_sums[name].add_(total)
+        self.num_unclipped += other.num_unclipped
+
     def clipped_sum(self) -> dict[str, torch.Tensor]:
         """Σ_k clip(Δ_k) so far, float64, floating tensors only (a copy; not private — tests/diagnostics)."""
         return {name: total.clone() for name, total in self._delta_sums.items()}

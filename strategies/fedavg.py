@@ -38,6 +38,14 @@ class WeightedMean(RoundAggregate):
             else:
                 self._sums[name] = contribution
 
+    def _merge_state(self, other: RoundAggregate) -> None:
+        assert isinstance(other, WeightedMean)
+        for name, total in other._sums.items():
+            if name in self._sums:
+                self._sums[name].add_(total)
+            else:
+                self._sums[name] = total.clone()
+
     def result(self) -> Weights:
         if self.num_updates == 0:
             raise ValueError("no update to aggregate")

@@ -47,8 +47,17 @@ def wait_until(predicate, timeout: float = 60.0) -> None:
 
 
 def clients_for(address: str, count: int, **kwargs) -> list[FederatedClient]:
-    out = [FederatedClient(address, "tiny", trainer(i, **kwargs), name=f"c{i}", exit_when_idle=False,
-                           backoff=Backoff(initial=0.1, maximum=0.3)) for i in range(count)]
+    out = [
+        FederatedClient(
+            address,
+            "tiny",
+            trainer(i, **kwargs),
+            name=f"c{i}",
+            exit_when_idle=False,
+            backoff=Backoff(initial=0.1, maximum=0.3),
+        )
+        for i in range(count)
+    ]
     for c in out:
         c.start()
     return out
@@ -64,8 +73,15 @@ def test_epsilon_equals_opacus_and_the_budget_stops_the_run(daemon) -> None:
         # q = K / population = 2 / 4; the budget admits two rounds, not three.
         budget = (opacus_epsilon([0.5] * 2) + opacus_epsilon([0.5] * 3)) / 2
         with ControlClient(daemon.address) as control:
-            run = control.create_run(app="tiny", weights=model().state_dict(), num_rounds=5, clients_per_round=2,
-                                     min_clients=4, round_timeout_s=20, privacy=central(budget))
+            run = control.create_run(
+                app="tiny",
+                weights=model().state_dict(),
+                num_rounds=5,
+                clients_per_round=2,
+                min_clients=4,
+                round_timeout_s=20,
+                privacy=central(budget),
+            )
             wait_until(lambda: status_name(control.get_run(run.run_id).run) == "budget_exhausted")
             detail = control.get_run(run.run_id)
     finally:
@@ -86,8 +102,15 @@ def test_a_restart_resumes_the_ledger_exactly(tmp_path: Path) -> None:
     clients = clients_for(first.address, 2)
     try:
         with ControlClient(first.address) as control:
-            run = control.create_run(app="tiny", weights=model().state_dict(), num_rounds=4, clients_per_round=1,
-                                     min_clients=2, round_timeout_s=20, privacy=central())
+            run = control.create_run(
+                app="tiny",
+                weights=model().state_dict(),
+                num_rounds=4,
+                clients_per_round=1,
+                min_clients=2,
+                round_timeout_s=20,
+                privacy=central(),
+            )
             wait_until(lambda: control.get_run(run.run_id).run.committed_rounds >= 1)
         first.stop(grace=0.5)
         second = start_daemon(tmp_path / "data", address=f"127.0.0.1:{port}")
@@ -103,7 +126,9 @@ def test_a_restart_resumes_the_ledger_exactly(tmp_path: Path) -> None:
     rates = [r.metrics["sample_rate"].double_value for r in detail.rounds]
     assert [r.round for r in detail.rounds] == [1, 2, 3, 4] and rates == [0.5] * 4
     # Exactly one accountant step per committed round, before and after the restart.
-    assert [r.epsilon for r in detail.rounds] == pytest.approx([opacus_epsilon(rates[:n]) for n in range(1, 5)], abs=1e-6)
+    assert [r.epsilon for r in detail.rounds] == pytest.approx(
+        [opacus_epsilon(rates[:n]) for n in range(1, 5)], abs=1e-6
+    )
     assert detail.run.epsilon == pytest.approx(opacus_epsilon(rates), abs=1e-6)
 
 
@@ -112,8 +137,14 @@ def test_local_dp_epsilon_is_recorded_per_client(daemon) -> None:
     clients = clients_for(daemon.address, 2, privacy=privacy)
     try:
         with ControlClient(daemon.address) as control:
-            run = control.create_run(app="tiny", weights=model().state_dict(), num_rounds=2, clients_per_round=2,
-                                     min_clients=2, round_timeout_s=30)
+            run = control.create_run(
+                app="tiny",
+                weights=model().state_dict(),
+                num_rounds=2,
+                clients_per_round=2,
+                min_clients=2,
+                round_timeout_s=30,
+            )
             wait_until(lambda: status_name(control.get_run(run.run_id).run) == "completed")
             detail = control.get_run(run.run_id)
     finally:
@@ -131,18 +162,39 @@ def test_strategies_by_name_and_refused_configurations(daemon) -> None:
     clients = clients_for(daemon.address, 2)
     try:
         with ControlClient(daemon.address) as control:
-            run = control.create_run(app="tiny", weights=model().state_dict(), num_rounds=2, clients_per_round=2,
-                                     min_clients=2, round_timeout_s=30, strategy="fedadam",
-                                     strategy_params={"server_lr": 0.05})
+            run = control.create_run(
+                app="tiny",
+                weights=model().state_dict(),
+                num_rounds=2,
+                clients_per_round=2,
+                min_clients=2,
+                round_timeout_s=30,
+                strategy="fedadam",
+                strategy_params={"server_lr": 0.05},
+            )
             wait_until(lambda: status_name(control.get_run(run.run_id).run) == "completed")
             assert control.get_run(run.run_id).run.spec.strategy_params["server_lr"].double_value == 0.05
             with pytest.raises(ControlError) as info:
-                control.create_run(app="tiny", weights=model().state_dict(), num_rounds=1, clients_per_round=4,
-                                   min_clients=4, strategy="krum", strategy_params={"num_malicious": 1})
+                control.create_run(
+                    app="tiny",
+                    weights=model().state_dict(),
+                    num_rounds=1,
+                    clients_per_round=4,
+                    min_clients=4,
+                    strategy="krum",
+                    strategy_params={"num_malicious": 1},
+                )
             assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "n > 2f + 2" in str(info.value)
             with pytest.raises(ControlError) as info:
-                control.create_run(app="tiny", weights=model().state_dict(), num_rounds=1, clients_per_round=2,
-                                   min_clients=2, strategy="median", privacy=central())
+                control.create_run(
+                    app="tiny",
+                    weights=model().state_dict(),
+                    num_rounds=1,
+                    clients_per_round=2,
+                    min_clients=2,
+                    strategy="median",
+                    privacy=central(),
+                )
             assert "FedAvg-family" in str(info.value)
     finally:
         for c in clients:

@@ -82,9 +82,27 @@ def test_bad_simulation_settings_are_refused_clearly(tmp_path: Path) -> None:
 
 
 def test_sim_strategies_and_central_dp_from_the_command_line(tmp_path: Path) -> None:
-    done = sim(tmp_path / "dp", "--clients", "10", "--rounds", "3", "--clients-per-round", "5", "--dp", "central",
-               "--noise-multiplier", "1.2", "--clip-norm", "1.0", "--epsilon-budget", "50", "--strategy", "fedavgm",
-               "--param", "momentum=0.5")
+    done = sim(
+        tmp_path / "dp",
+        "--clients",
+        "10",
+        "--rounds",
+        "3",
+        "--clients-per-round",
+        "5",
+        "--dp",
+        "central",
+        "--noise-multiplier",
+        "1.2",
+        "--clip-norm",
+        "1.0",
+        "--epsilon-budget",
+        "50",
+        "--strategy",
+        "fedavgm",
+        "--param",
+        "momentum=0.5",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_metrics(tmp_path / "dp")
     from opacus.accountants import RDPAccountant
@@ -102,10 +120,18 @@ def test_the_budget_stops_a_simulation_and_robust_strategies_run(tmp_path: Path)
     from strategies.factory import PrivacySettings
 
     privacy = PrivacySettings(mode="central", noise_multiplier=1.0, clip_norm=1.0, epsilon_budget=8.0)
-    result = run_simulation(SimulationConfig(app=DIGITS_APP, clients=4, rounds=10, clients_per_round=4,
-                                             privacy=privacy, out=tmp_path / "b"), echo=lambda _: None)
+    result = run_simulation(
+        SimulationConfig(
+            app=DIGITS_APP, clients=4, rounds=10, clients_per_round=4, privacy=privacy, out=tmp_path / "b"
+        ),
+        echo=lambda _: None,
+    )
     assert 0 < len(result.records) < 10 and result.records[-1].extra["epsilon"] <= 8.0
     for strategy, params in (("krum", {"num_malicious": 1}), ("trimmed-mean", {"beta": 0.2}), ("median", {})):
-        robust = run_simulation(SimulationConfig(app=DIGITS_APP, clients=6, rounds=2, strategy=strategy,
-                                                 strategy_params=params, out=tmp_path / strategy), echo=lambda _: None)
+        robust = run_simulation(
+            SimulationConfig(
+                app=DIGITS_APP, clients=6, rounds=2, strategy=strategy, strategy_params=params, out=tmp_path / strategy
+            ),
+            echo=lambda _: None,
+        )
         assert len(robust.records) == 2 and robust.records[-1].num_clients == 6
