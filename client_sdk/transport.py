@@ -29,8 +29,18 @@ from protos.v1 import fleet_pb2_grpc
 
 log = logging.getLogger("leptonfl.client")
 T = TypeVar("T")
-# RESOURCE_EXHAUSTED is the daemon's rate limit ("slow down"): wait and try again.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+MAX_CHUNK_BYTES = 8 << 20  # the daemon refuses bigger chunks
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    """Server unreachable, or the daemon's rate limit ("slow down"). gRPC also answers
+    RESOURCE_EXHAUSTED for an oversized message; retrying that identical message cannot help."""
+    if not isinstance(error, grpc.Call):
+        return False
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return "slow down" in (error.details() or "")
+    return error.code() in RETRYABLE
 
 
 class Stopped(Exception):
@@ -71,6 +81,8 @@ class FleetTransport:
         self.backoff = backoff
         self.stop_event = stop or threading.Event()
         self.rpc_timeout = rpc_timeout
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
         self.chunk_bytes = chunk_bytes
         self.limits = limits
         self.client_id = ""
@@ -117,7 +129,7 @@ class FleetTransport:
                 return fn()
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code in RETRYABLE:
+                if _retryable(exc):
                     if self.backoff.timeout is not None and time.monotonic() - started > self.backoff.timeout:
                         raise ConnectionFailed(
                             f"{action}: server {self.server} unreachable for {self.backoff.timeout:g} s",

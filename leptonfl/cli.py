@@ -117,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve plaintext without authentication (loopback demos and trusted networks only)",
     )
+    start.add_argument("--metrics-address", help="serve Prometheus metrics at HOST:PORT/metrics (default: off)")
+    start.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
     start.add_argument("--join-rate", type=float, help="joins per second per peer (default 2, bursts of 10)")
     start.add_argument("--upload-rate", type=float, help="uploads per second per client (default 2, bursts of 10)")
+    status = server_cmds.add_parser("status", help="is the daemon serving? (gRPC health) and its runs")
+    _add_server(status)
     migrate = server_cmds.add_parser("migrate", help="upgrade the database schema of a data dir")
     migrate.add_argument("--data-dir", default="leptonfl-data")
     migrate.add_argument("--db", default="")
@@ -170,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server(client)
     client.add_argument("--app", required=True)
     client.add_argument("--partition", default="0/1", help="this client's data share I/N (default 0/1: all)")
-    client.add_argument("--partitioner", default="iid", help="iid or dirichlet:ALPHA (default iid)")
+    client.add_argument(
+        "--partitioner", default="iid", help="iid, dirichlet:ALPHA, shards:K, quantity:SIGMA or natural (default iid)"
+    )
     client.add_argument("--seed", type=int, default=0, help="partitioning seed; equal on every client")
     client.add_argument("--run", dest="run_id", default="", help="take part in this run only")
     client.add_argument("--name", default="", help="label shown to operators (default: the partition)")
@@ -211,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, required=True)
     sim.add_argument("--rounds", type=int, required=True)
     sim.add_argument("--clients-per-round", type=int, help="default: all clients every round")
-    sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
+    sim.add_argument(
+        "--partition", default="iid", help="iid, dirichlet:ALPHA, shards:K, quantity:SIGMA or natural (default iid)"
+    )
     sim.add_argument(
         "--backend",
         default="inprocess",
@@ -242,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # import-time noise
     from leptonfl import commands
 
     handler = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -105,6 +104,8 @@ def server(args: argparse.Namespace) -> int:
     from server.config import ServerConfig, load_config
     from server.store import SchemaError
 
+    if args.server_command == "status":
+        return _server_status(args)
     if args.server_command == "migrate":
         from server.store import migrate
         from server.store.db import open_engine
@@ -139,13 +140,20 @@ def server(args: argparse.Namespace) -> int:
             "insecure",
             "join_rate",
             "upload_rate",
+            "metrics_address",
+            "log_format",
         )
     }
     try:
         config = load_config(Path(args.config) if args.config else None, flags)
     except (OSError, ValueError) as exc:
         raise CommandError(f"bad configuration: {exc}") from exc
-    logging.getLogger().setLevel(config.log_level.upper())
+    from server.logs import configure_logging
+
+    try:
+        configure_logging(config.log_level, config.log_format)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
     from server.daemon import run_daemon
 
     try:
@@ -154,6 +162,36 @@ def server(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     except OSError as exc:
         raise CommandError(f"cannot start the daemon: {exc}") from exc
+
+
+def _server_status(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.channels import open_channel
+    from server.control_client import ControlClient, ControlError, status_name
+
+    address, tls = _server_address(args), tls_from_args(args, "operator")
+    channel = open_channel(address, tls)
+    try:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    except grpc.RpcError as exc:
+        raise CommandError(f"no Lepton FL server reachable at {address}: {exc.code().name}") from exc
+    finally:
+        channel.close()
+    print(f"{address}: {serving}")
+    try:
+        with ControlClient(address, tls=tls) as control:
+            runs = control.list_runs()
+    except ControlError as exc:
+        print(f"runs: not visible ({exc})", file=sys.stderr)
+        return 0 if serving == "SERVING" else 1
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[status_name(run)] = counts.get(status_name(run), 0) + 1
+    print("runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+    return 0 if serving == "SERVING" else 1
 
 
 # run ---------------------------------------------------------------------------------------
@@ -396,7 +434,10 @@ def certs(args: argparse.Namespace) -> int:
             credential = provisioning.issue_client(directory, args.name, args.days)
             print(f"client {args.name}: {credential.cert} (key {credential.key}, mode 0600)", file=sys.stderr)
         else:
-            serial = provisioning.revoke(Path(args.dir), Path(args.dir) / "clients" / f"{args.name}.pem")
+            current = Path(args.dir) / "clients" / f"{args.name}.pem"
+            serial = provisioning.revoke(Path(args.dir), current)
+            for suffix in (".pem", ".key"):  # so the name can be issued again
+                current.with_suffix(suffix).rename(current.with_suffix(f"{suffix}.revoked-{serial:x}"))
             print(
                 f"revoked {args.name} (serial {serial:x}); a running daemon reloads crl.pem within a second",
                 file=sys.stderr,
@@ -441,5 +482,6 @@ def sim(args: argparse.Namespace) -> int:
     print(
         f"final test accuracy {result.final_accuracy:.4f} after {len(result.records)} rounds in {result.seconds:.1f} s"
     )
-    print(f"metrics: {result.metrics_path}\nplot:    {result.plot_path}\nmodel:   {result.model_path}")
+    print(f"metrics: {result.metrics_path}\nplots:   {', '.join(map(str, result.plots))}")
+    print(f"summary: {result.summary_path}\nmodel:   {result.model_path}")
     return 0

@@ -51,8 +51,11 @@ class RevocationList:
         self._reload()
 
     def _reload(self) -> None:
-        if self.path is None or not self.path.exists():
-            self._serials = frozenset()
+        if self.path is None:
+            return
+        if not self.path.exists():
+            if self._stamp is not None:  # a vanished list must not un-revoke anyone
+                log.error("revocation list %s disappeared; keeping its %d revocations", self.path, len(self._serials))
             return
         stamp = self.path.stat().st_mtime
         if stamp == self._stamp:
@@ -107,7 +110,9 @@ class Authorizer:
     def require(self, context: grpc.ServicerContext, role: str) -> Identity | None:
         identity = self.identity(context)
         if identity is not None and identity.role != role:
-            raise PermissionDenied(f"a {identity.role or 'role-less'} certificate cannot call this API; {role} only")
+            kind = identity.role or "role-less"
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise PermissionDenied(f"{article} {kind} certificate cannot call this API; {role} only")
         return identity
 
 

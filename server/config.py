@@ -43,6 +43,8 @@ class ServerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     crl: str = ""
+    metrics_address: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; empty: off
+    log_format: str = "text"  # or "json": one JSON object per line
     join_rate: float = 2.0  # Joins per second per peer (bursts of 10)
     upload_rate: float = 2.0  # uploads per second per client (bursts of 10)
 

@@ -14,12 +14,14 @@ from concurrent import futures
 from types import FrameType
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.v1 import control_pb2_grpc, fleet_pb2_grpc
 from server.auth import Authorizer
 from server.checkpoints import CheckpointStore
 from server.config import ServerConfig
 from server.engine import EngineConfig, RoundEngine
+from server.metrics import DaemonMetrics
 from server.servicers.control import ControlServicer
 from server.servicers.fleet import FleetServicer
 from server.store import Store
@@ -35,6 +37,12 @@ class Daemon:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.tls = config.tls_files()
+        if self.tls is None and not config.insecure:
+            raise ValueError(
+                "no TLS certificate configured: pass --tls-dir DIR (made by `leptonfl certs init DIR`), or "
+                "--insecure to serve plaintext on a trusted network"
+            )
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.db_url)
         engine_config = EngineConfig(
@@ -44,13 +52,10 @@ class Daemon:
             max_round_attempts=config.max_round_attempts,
             max_update_bytes=config.max_update_bytes,
         )
-        self.engine = RoundEngine(self.store, CheckpointStore(config.data_dir), engine_config)
-        self.tls = config.tls_files()
-        if self.tls is None and not config.insecure:
-            raise ValueError(
-                "no TLS certificate configured: pass --tls-dir DIR (made by `leptonfl certs init DIR`), or "
-                "--insecure to serve plaintext on a trusted network"
-            )
+        self.metrics = DaemonMetrics()
+        self.engine = RoundEngine(self.store, CheckpointStore(config.data_dir), engine_config, self.metrics)
+        self.metrics.track(self.engine.online_count, self.engine.active_run_count)
+        self.metrics_port: int | None = None
         authorizer = Authorizer(self.tls is not None, *(self.tls[2:] if self.tls else ()))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -66,16 +71,14 @@ class Daemon:
         fleet_pb2_grpc.add_FleetServicer_to_server(fleet, self._server)
         control = ControlServicer(self.engine, config.chunk_bytes, authorizer)
         control_pb2_grpc.add_ControlServicer_to_server(control, self._server)
+        # The standard gRPC health service, for load balancers and `leptonfl server status`.
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.address = ""
 
     def start(self) -> str:
         host, _, _ = self.config.address.rpartition(":")
         if self.tls is None:
-            log.warning(
-                "serving PLAINTEXT gRPC without authentication (--insecure): anyone who can reach "
-                "%s can join and operate runs; use only on loopback or a trusted network",
-                self.config.address,
-            )
             port = self._server.add_insecure_port(self.config.address)
         else:
             cert, key, ca, _ = self.tls
@@ -86,8 +89,21 @@ class Daemon:
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
         self.address = f"{host}:{port}"
+        if self.tls is None:
+            log.warning(
+                "serving PLAINTEXT gRPC without authentication (--insecure): anyone who can reach %s can join "
+                "and operate runs; use only on loopback or a trusted network",
+                self.address,
+            )
         self._server.start()
         self.engine.start()
+        for service in ("", "leptonfl.v1.Fleet", "leptonfl.v1.Control"):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_address:
+            self.metrics_port = self.metrics.serve(self.config.metrics_address)
+            log.info(
+                "metrics at http://%s:%d/metrics", self.config.metrics_address.rpartition(":")[0], self.metrics_port
+            )
         log.info(
             "leptonfl daemon (%s) listening on %s (data dir %s, db %s)",
             "mutual TLS" if self.tls else "plaintext",
@@ -100,6 +116,7 @@ class Daemon:
     def stop(self, grace: float | None = None) -> None:
         grace = self.config.shutdown_grace_s if grace is None else grace
         log.info("stopping: no new RPCs, %.0f s grace for in-flight ones", grace)
+        self.health.enter_graceful_shutdown()
         done = self._server.stop(grace)
         self.engine.stop()
         done.wait(grace + 1)

@@ -44,6 +44,7 @@ from server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from server.metrics import DaemonMetrics
 from server.store import (
     ClientRecord,
     Participation,
@@ -160,7 +161,14 @@ class RunState:
 
 
 class RoundEngine:
-    def __init__(self, store: Store, checkpoints: CheckpointStore, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        checkpoints: CheckpointStore,
+        config: EngineConfig = EngineConfig(),
+        metrics: DaemonMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics or DaemonMetrics()
         self.store = store
         self.checkpoints = checkpoints
         self.config = config
@@ -357,6 +365,8 @@ class RoundEngine:
             open_ = self._still_open(task, TRAIN)
             open_.aggregate.add(ClientUpdate(weights, int(header.num_examples), metrics))
             open_.delivered[client_id] = Participation(client_id, int(header.num_examples), metrics)
+            self.metrics.updates_accepted.inc()
+            self.metrics.bytes_received.inc(header.model.total_bytes)
             log.info(
                 "run %s round %d: update %d/%d from %s (%d examples)",
                 task.run_id,
@@ -563,6 +573,15 @@ class RoundEngine:
                 elif not state.open.pending_clients() or clock >= state.open.deadline:
                     self._close_phase(state, clock)
 
+    def online_count(self) -> int:
+        clock = time.monotonic()
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if clock - s.last_seen <= self.config.liveness_timeout_s)
+
+    def active_run_count(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
     def _online_clients(self, app: str, run_id: str, clock: float) -> list[str]:
         busy = {t.client_id for s in self._runs.values() if s.open for t in s.open.tasks.values()}
         return sorted(
@@ -665,6 +684,7 @@ class RoundEngine:
                 f"{run.round_timeout_s:g} s deadline, {run.min_clients} needed"
             )
             self._drop_open_round(state)
+            self.metrics.rounds_failed.inc()
             if state.attempt >= self.config.max_round_attempts:
                 self._end_run(run.id, "failed", f"{reason}; gave up after {state.attempt} attempts")
             else:
@@ -689,6 +709,7 @@ class RoundEngine:
     def _commit_round_unsafe(self, state: RunState, clock: float) -> None:
         open_, run = state.open, state.record
         assert open_ is not None
+        aggregation_started = time.perf_counter()
         clip_norm = getattr(state.strategy, "clip_norm", None)  # central DP: the norm this round used
         weights = state.strategy.finish_round(open_.number, state.weights, open_.aggregate)
         metrics: dict[str, Any] = dict(open_.aggregate.metrics())
@@ -718,6 +739,9 @@ class RoundEngine:
             state.record = replace(state.record, privacy_ledger=ledger_state)
             state.ledger = _ledger_from(ledger_state)
         state.weights, state.header, state.attempt = weights, model_header(weights), 1
+        self.metrics.rounds_committed.inc()
+        self.metrics.round_duration.observe(clock - open_.started)
+        self.metrics.aggregation_seconds.observe(time.perf_counter() - aggregation_started)
         log.info(
             "run %s round %d/%d committed: %d updates, %d examples, train_loss %s",
             run.id,

@@ -174,7 +174,9 @@ def issue_client(
         raise ProvisioningError("client names are 1-64 letters, digits, '-', '_' or '.'")
     stem = directory / "clients" / name
     if stem.with_suffix(".pem").exists():
-        raise ProvisioningError(f"client {name!r} already has a certificate; revoke it before issuing another")
+        raise ProvisioningError(
+            f"client {name!r} already has a certificate; replace it with `leptonfl certs client {name} --rotate`"
+        )
     return _issue(directory, stem, name, ROLE_CLIENT, days, not_before=not_before)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from client_sdk.training import LossFn, OptimizerFactory, sgd
-from simulations.partition import IidPartitioner, parse_partitioner
+from simulations.partition import partition_indices
 
 
 class AppError(ValueError):
@@ -47,9 +47,6 @@ class App:
     default_config: Mapping[str, Any] = field(default_factory=dict)
     make_optimizer: OptimizerFactory = sgd
     loss_fn: LossFn = nn.functional.cross_entropy
-    _split_cache: dict[tuple[int, str, int], tuple[list[np.ndarray], list[np.ndarray]]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
 
     def initial_weights(self, seed: int) -> dict[str, torch.Tensor]:
         """The model's freshly initialised weights under `seed` (same on every host)."""
@@ -57,26 +54,27 @@ class App:
         return {k: v.detach().clone() for k, v in self.build_model().state_dict().items()}
 
     def partition(self, index: int, count: int, partitioner: str = "iid", seed: int = 0) -> tuple[Subset, Subset]:
-        """Client `index` of `count`: its train share (by `partitioner`) and an IID test share."""
+        """Client `index` of `count`: its train share (by `partitioner`) and an IID test share.
+
+        Computed lazily for `iid` and `quantity:σ` (a cached permutation plus offsets), so a
+        population of 100,000 clients costs memory only for the clients actually asked for.
+        `natural` uses the app's own split (`natural_partition(index, count, seed)`).
+        """
         if not 0 <= index < count:
             raise AppError(f"partition {index} does not exist among {count}")
-        train_parts, test_parts = self._partitions(count, partitioner, seed)
         train, test = self.load_dataset()
-        return Subset(train, train_parts[index].tolist()), Subset(test, test_parts[index].tolist())
-
-    def _partitions(self, count: int, partitioner: str, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        key = (count, partitioner, seed)
-        if key in self._split_cache:
-            return self._split_cache[key]
-        train, test = self.load_dataset()
-        train_parts = parse_partitioner(partitioner).split(labels_of(train), count, seed)
-        test_parts = (
-            IidPartitioner().split(labels_of(test), count, seed)
-            if len(test) >= count
-            else [np.arange(len(test))] * count
-        )  # too few test examples to share: everyone gets all
-        self._split_cache[key] = (train_parts, test_parts)
-        return train_parts, test_parts
+        if partitioner == "natural":
+            hook = getattr(self.module, "natural_partition", None)
+            if hook is None:
+                raise AppError(f"app {self.name!r} has no natural partition (define natural_partition)")
+            train_idx, test_idx = hook(index, count, seed)
+            return Subset(train, list(map(int, train_idx))), Subset(test, list(map(int, test_idx)))
+        train_idx = partition_indices(partitioner, labels_of(train), count, index, seed)
+        if len(test) >= count:
+            test_idx = partition_indices("iid", labels_of(test), count, index, seed)
+        else:  # too few test examples to share: everyone gets all
+            test_idx = np.arange(len(test))
+        return Subset(train, train_idx.tolist()), Subset(test, test_idx.tolist())
 
 
 def labels_of(dataset: TensorDataset) -> torch.Tensor:

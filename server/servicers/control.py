@@ -103,6 +103,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
 
     def __init__(self, engine: RoundEngine, chunk_bytes: int, authorizer: Authorizer) -> None:
         self.engine = engine
+        self.metrics = engine.metrics
         self.authorizer = authorizer
         self.chunk_bytes = chunk_bytes
 

@@ -33,6 +33,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         upload_rate: float = 2.0,
     ) -> None:
         self.engine = engine
+        self.metrics = engine.metrics
         self.chunk_bytes = chunk_bytes
         self.authorizer = authorizer
         self.join_limit = RateLimiter(join_rate, burst=10, what="joins")
@@ -99,6 +100,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         chunk = min(max(request.chunk_bytes or self.chunk_bytes, MIN_CHUNK), MAX_CHUNK)
         yield tensors_pb2.ModelChunk(header=model_header(weights))
         for data in iter_tensor_data(weights, chunk):
+            self.metrics.bytes_sent.inc(len(data.data))
             yield tensors_pb2.ModelChunk(data=data)
 
     @unary

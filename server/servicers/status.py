@@ -33,10 +33,20 @@ def abort(context: grpc.ServicerContext, error: errors.ServerError) -> NoReturn:
     raise AssertionError("unreachable: context.abort raises")
 
 
-def _abort_on_error(context: grpc.ServicerContext, method: str, exc: Exception) -> NoReturn:
+def _count(servicer: Any, method: str, code: grpc.StatusCode) -> None:
+    metrics = getattr(servicer, "metrics", None)
+    if metrics is not None:
+        metrics.rpc_rejections.labels(method, code.name).inc()
+        if method == "UploadUpdate":
+            metrics.updates_rejected.labels(code.name).inc()
+
+
+def _abort_on_error(servicer: Any, context: grpc.ServicerContext, method: str, exc: Exception) -> NoReturn:
     if isinstance(exc, errors.ServerError):
         log.info("%s refused: %s: %s", method, type(exc).__name__, exc)
+        _count(servicer, method, STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL))
         abort(context, exc)
+    _count(servicer, method, grpc.StatusCode.INTERNAL)
     log.exception("%s failed", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the daemon log")
     raise AssertionError("unreachable: context.abort raises")
@@ -53,10 +63,10 @@ def unary(method: F) -> F:
             if not context.is_active():
                 # The caller hung up (e.g. a client vanished mid-upload): whatever it sent is dropped.
                 log.info("%s abandoned: the caller went away (%s)", method.__name__, exc)
-                return None
+                context.abort(grpc.StatusCode.CANCELLED, "the caller went away")
             if isinstance(exc, grpc.RpcError):
                 raise
-            _abort_on_error(context, method.__name__, exc)
+            _abort_on_error(self, context, method.__name__, exc)
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,6 +81,6 @@ def streaming(method: F) -> F:
         except Exception as exc:
             if isinstance(exc, grpc.RpcError) or not context.is_active():
                 raise
-            _abort_on_error(context, method.__name__, exc)
+            _abort_on_error(self, context, method.__name__, exc)
 
     return wrapper  # type: ignore[return-value]
