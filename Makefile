@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: install test test-fast demo proto lint bench clean
+.PHONY: install test test-fast demo proto lint fuzz bench bench-sim clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test-fast: $(STAMP)
 # clients over gRPC, FedAvg on the digits app; prints the round table and the plot path.
 demo: $(STAMP)
 	$(BIN)/leptonfl sim --app examples/digits --backend grpc --clients 20 --rounds 10 --seed 0 --out demo-out
+
+fuzz: $(STAMP)
+	LEPTONFL_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/integration/test_fuzz.py -p no:cacheprovider -o timeout=3600
+
+bench-sim: $(STAMP)
+	$(BIN)/python benchmarks/sim_bench.py
+
+bench: bench-sim
 
 proto: $(STAMP)
 	$(BIN)/python -m protos.generate

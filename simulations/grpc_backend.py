@@ -87,7 +87,11 @@ def run_grpc(
         config.out / "daemon", config.out / "daemon.log", ["--selection-grace", "1", "--liveness-timeout", "60"]
     )
     address = daemon.start()
-    log.info("daemon started on %s (log: %s)", address, daemon.log_path)
+    log.info(
+        "daemon started on %s: plaintext on loopback (--insecure), for this one machine only (log: %s)",
+        address,
+        daemon.log_path,
+    )
     clients: list[FederatedClient] = []
     try:
         client_config = {**app.default_config, **config.client_config}
