@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--backend",
         default="inprocess",
-        choices=["inprocess", "vectorized", "grpc"],
-        help="inprocess (default), vectorized (many small clients at once, torch.func), grpc (real daemon)",
+        choices=["inprocess", "vectorized", "grpc", "ray"],
+        help="inprocess (default), vectorized (many small clients at once, torch.func), grpc (real daemon), "
+        "ray (actors on a Ray cluster; pip install 'leptonfl[ray]')",
     )
     _add_strategy(sim)
     sim.add_argument(
@@ -232,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="inprocess: worker processes, one intra-op thread each (default 0: one per core)",
+    )
+    sim.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="ray: join this cluster (auto, HOST:PORT, ray://HOST:10001); default $RAY_ADDRESS or local",
     )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")

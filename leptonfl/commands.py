@@ -471,12 +471,13 @@ def sim(args: argparse.Namespace) -> int:
         client_config=parse_settings(args.settings),
         privacy=privacy_from_args(args),
         workers=args.workers,
+        ray_address=args.ray_address,
     )
     from server.control_client import ControlError
 
     try:
         result = run_simulation(config)
-    except (ValueError, AppError, RuntimeError, ControlError) as exc:
+    except (ValueError, AppError, RuntimeError, ControlError, ImportError) as exc:
         raise CommandError(str(exc)) from exc
     print(render_round_table(result.records))
     print(

@@ -10,7 +10,7 @@ from typing import Any
 
 from strategies.factory import PrivacySettings
 
-BACKENDS = ("inprocess", "vectorized", "grpc")
+BACKENDS = ("inprocess", "vectorized", "grpc", "ray")
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,11 @@ class SimulationConfig:
     client_config: Mapping[str, Any] = field(default_factory=dict)  # overrides the app's defaults
     round_timeout_s: float = 300.0
     privacy: PrivacySettings = PrivacySettings()
-    # inprocess: worker processes (0 = one per available core; 1 = this process only)
-    workers: int = 1  # with central DP, clients_per_round is the expected K
+    # inprocess: worker processes (0 = one per available core; 1 = this process only);
+    # ray: actors (0 = one per CPU of the cluster)
+    workers: int = 1
+    # ray: an existing cluster (auto, HOST:PORT, ray://HOST:10001); None: $RAY_ADDRESS or a local instance
+    ray_address: str | None = None  # with central DP, clients_per_round is the expected K
 
     def worker_count(self) -> int:
         if self.workers > 0:

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +28,28 @@ from strategies.accounting import PrivacyLedger
 from strategies.factory import build_strategy, epsilon_over_budget
 
 Progress = Callable[[RoundRecord], None]
+
+
+class Pool(Protocol):
+    """Trains shares of a round's clients elsewhere: worker processes (`simulations.pool.WorkerPool`)
+    or Ray actors (`simulations.ray_backend.RayPool`)."""
+
+    def train(
+        self,
+        number: int,
+        weights: Mapping[str, torch.Tensor],
+        template: RoundAggregate,
+        clients: Sequence[int],
+        client_config: Mapping[str, Any],
+    ) -> list[tuple[RoundAggregate, list[float]]]: ...
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], clients: Sequence[int]) -> tuple[int, float, float]: ...
+
+    def close(self) -> None: ...
+
+
+# (app, config, worker_count) -> Pool; given to `run_inprocess`, it replaces the worker processes.
+PoolFactory = Callable[[App, SimulationConfig, int], Pool]
 
 
 def client_seed(seed: int, round_: int, client: int) -> int:
@@ -64,9 +86,14 @@ def fold_clients(
     number: int,
     client_config: Mapping[str, Any],
     aggregate: RoundAggregate,
-) -> None:
+) -> list[float]:
+    """Train `clients` one after another into `aggregate`; returns each client's seconds."""
+    seconds = []
     for client in clients:
+        started = time.perf_counter()
         aggregate.add(train_client(app, config, model, weights, client, number, client_config))
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def evaluation_sums(
@@ -97,12 +124,21 @@ def _evaluate(
 
 
 def run_inprocess(
-    app: App, config: SimulationConfig, on_round: Progress, echo: Callable[[str], None] = lambda _: None
+    app: App,
+    config: SimulationConfig,
+    on_round: Progress,
+    echo: Callable[[str], None] = lambda _: None,
+    pool_factory: PoolFactory | None = None,
+    *,
+    on_client: Callable[[float], None] | None = None,
+    on_round_start: Callable[[int, int], None] | None = None,
 ) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+    """The round loop. With `pool_factory` (e.g. the Ray backend's), rounds whose aggregate is
+    mergeable train on the pool it makes, whatever `config.workers` says."""
     from simulations.pool import WorkerPool
 
     workers = config.worker_count()
-    pool: WorkerPool | None = None
+    pool: Pool | None = None
     privacy = config.privacy
     weights = app.initial_weights(config.seed)
     strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
@@ -124,19 +160,28 @@ def run_inprocess(
                 selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
             else:
                 selected = sorted(sampler.sample(range(config.clients), config.per_round))
+            if on_round_start is not None:
+                on_round_start(number, len(selected))
             client_config = {**app.default_config, **config.client_config, **strategy.configure_round(number)}
             clip_norm = getattr(strategy, "clip_norm", None)
             aggregate = strategy.begin_round(number, weights)
-            if pool is None and workers > 1 and aggregate.mergeable:
+            if pool is None and pool_factory is not None and aggregate.mergeable:
+                pool = pool_factory(app, config, workers)
+            elif pool is None and workers > 1 and aggregate.mergeable:
                 pool = WorkerPool(app, config, workers)
                 echo(f"training on {workers} worker processes")
             parallel = pool is not None and aggregate.mergeable and len(selected) > 1
+            client_seconds: list[float] = []
             if parallel:
                 assert pool is not None
-                for partial_aggregate in pool.train(number, weights, aggregate, selected, client_config):
+                for partial_aggregate, times in pool.train(number, weights, aggregate, selected, client_config):
                     aggregate.merge(partial_aggregate)
+                    client_seconds += times
             else:
-                fold_clients(app, config, model, weights, selected, number, client_config, aggregate)
+                client_seconds = fold_clients(app, config, model, weights, selected, number, client_config, aggregate)
+            if on_client is not None:
+                for seconds in client_seconds:
+                    on_client(seconds)
             weights = strategy.finish_round(number, weights, aggregate)
             extra: dict[str, float] = {}
             if ledger is not None:
@@ -157,6 +202,7 @@ def run_inprocess(
                 eval_accuracy=eval_accuracy,
                 duration_seconds=time.perf_counter() - started,
                 extra=extra,
+                client_seconds=client_seconds,
             )
             records.append(record)
             on_round(record)

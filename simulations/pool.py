@@ -28,6 +28,18 @@ from simulations.config import SimulationConfig
 from strategies import RoundAggregate
 
 
+def greedy_shares(sizes: Mapping[int, int], clients: Sequence[int], parts: int) -> list[list[int]]:
+    """Split `clients` into `parts` shares: largest first (by `sizes`), each to the least-loaded
+    share (ties: lowest index); each share sorted. Deterministic, so results repeat exactly."""
+    heap = [(0, index) for index in range(parts)]
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    for client in sorted(clients, key=lambda c: (-sizes[c], c)):
+        load, index = heapq.heappop(heap)
+        shares[index].append(client)
+        heapq.heappush(heap, (load + sizes[client], index))
+    return [sorted(share) for share in shares]
+
+
 class WorkerError(RuntimeError):
     """A worker process failed; the message carries its traceback."""
 
@@ -46,8 +58,8 @@ def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
                 _, number, weights, template, clients, client_config = message
                 # Tensors arrive in shared memory, the same pages for every worker: fold into a private copy.
                 aggregate = copy.deepcopy(template)
-                fold_clients(app, config, model, weights, clients, number, client_config, aggregate)
-                conn.send(("ok", aggregate))
+                seconds = fold_clients(app, config, model, weights, clients, number, client_config, aggregate)
+                conn.send(("ok", (aggregate, seconds)))
             else:
                 _, weights, clients = message
                 conn.send(("ok", evaluation_sums(app, config, model, weights, clients)))
@@ -72,18 +84,9 @@ class WorkerPool:
             self._procs.append(process)
 
     def _shares(self, clients: Sequence[int]) -> list[list[int]]:
-        """Largest clients first, each to the least-loaded worker (ties: lowest index)."""
-        sizes = {
-            c: len(self.app.partition(c, self.config.clients, self.config.partition, self.config.seed)[0])
-            for c in clients
-        }
-        heap = [(0, index) for index in range(len(self._conns))]
-        shares: list[list[int]] = [[] for _ in self._conns]
-        for client in sorted(clients, key=lambda c: (-sizes[c], c)):
-            load, index = heapq.heappop(heap)
-            shares[index].append(client)
-            heapq.heappush(heap, (load + sizes[client], index))
-        return [sorted(share) for share in shares]
+        config = self.config
+        sizes = {c: len(self.app.partition(c, config.clients, config.partition, config.seed)[0]) for c in clients}
+        return greedy_shares(sizes, clients, len(self._conns))
 
     def _gather(self, messages: list[tuple[Any, ...]]) -> list[Any]:
         for conn, message in zip(self._conns, messages, strict=True):
@@ -103,8 +106,8 @@ class WorkerPool:
         template: RoundAggregate,
         clients: Sequence[int],
         client_config: Mapping[str, Any],
-    ) -> list[RoundAggregate]:
-        """Partial aggregates of the round, one per worker, in worker order."""
+    ) -> list[tuple[RoundAggregate, list[float]]]:
+        """(partial aggregate, seconds per client) of the round, one per worker, in worker order."""
         shared = {name: t.detach().clone().share_memory_() for name, t in weights.items()}
         shares = self._shares(clients)
         return self._gather([("train", number, shared, template, share, dict(client_config)) for share in shares])

@@ -164,6 +164,10 @@ def run_simulation(
             from simulations.vectorized import run_vectorized
 
             records, weights = _call_backend(run_vectorized, app, config, on_round, say, **hooks)
+        elif config.backend == "ray":
+            from simulations.ray_backend import run_ray
+
+            records, weights = _call_backend(run_ray, app, config, on_round, say, address=config.ray_address, **hooks)
         else:
             from simulations.inprocess import run_inprocess
 

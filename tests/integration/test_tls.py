@@ -655,8 +655,11 @@ def test_certs_commands_issue_rotate_and_revoke(tmp_path, daemons, peers):
     assert revoked.returncode == 0, revoked.stderr
     assert sorted(revoked_serials(d)) == sorted([old_serial, new_serial])
     # `certs revoke` moves the files aside (so the name can be issued again); the holder still has them.
-    held = TLSFiles(d / "ca.pem", d / "clients" / f"alice.pem.revoked-{new_serial:x}",
-                    d / "clients" / f"alice.key.revoked-{new_serial:x}")
+    held = TLSFiles(
+        d / "ca.pem",
+        d / "clients" / f"alice.pem.revoked-{new_serial:x}",
+        d / "clients" / f"alice.key.revoked-{new_serial:x}",
+    )
     current = peers(daemon.address, held)
     wait_until(lambda: _refused(current), 2.5, "the running daemon to reload crl.pem after `leptonfl certs revoke`")
 
