@@ -38,8 +38,8 @@ selection order, i.e. O(clients per round × model), like one stacked group of t
 
 from __future__ import annotations
 
+import copy
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,11 +54,9 @@ from torch.utils.data import Subset, TensorDataset
 from client_sdk.training import load_weights, sgd
 from simulations.apps import App, loader
 from simulations.config import SimulationConfig
-from simulations.inprocess import Progress, _evaluate, client_seed, run_inprocess
+from simulations.inprocess import Progress, client_seed, evaluation_sums, run_inprocess
 from simulations.report import RoundRecord
-from strategies import ClientUpdate
-from strategies.accounting import PrivacyLedger
-from strategies.factory import build_strategy, epsilon_over_budget
+from strategies import ClientUpdate, RoundAggregate
 
 Params = dict[str, torch.Tensor]
 
@@ -79,60 +77,51 @@ def run_vectorized(
     echo: Callable[[str], None] = lambda _: None,
     *,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    **hooks: Any,
 ) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
-    """`run_inprocess`'s contract and results, local training vectorised over clients."""
+    """`run_inprocess`'s round loop and results, local training vectorised over clients.
+
+    The loop (sampling, strategy, DP ledger, records) is `run_inprocess` itself; this backend
+    only supplies a pool whose `train` runs all of a round's clients at once."""
     model = app.build_model()
     reason = unsupported_reason(app, config, model)
     if reason is not None:
         echo(f"vectorized: falling back to inprocess: {reason}")
-        return run_inprocess(app, config, on_round, echo)
+        return run_inprocess(app, config, on_round, echo, **hooks)
     trainer = _VectorTrainer(app, model, memory_budget_bytes)
+    return run_inprocess(
+        app, config, on_round, echo, pool_factory=lambda _app, _config, _n: VectorizedPool(config, trainer), **hooks
+    )
 
-    privacy = config.privacy
-    weights = app.initial_weights(config.seed)
-    strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
-    ledger = PrivacyLedger(privacy.accountant, delta=privacy.delta) if privacy.enabled else None
-    sample_rate = config.per_round / config.clients
-    sampler = random.Random(config.seed)
-    records: list[RoundRecord] = []
-    for number in range(1, config.rounds + 1):
+
+class VectorizedPool:
+    """The `Pool` of `run_inprocess`, in this process: every client of a round trained at once."""
+
+    def __init__(self, config: SimulationConfig, trainer: _VectorTrainer) -> None:
+        self.config, self.trainer = config, trainer
+
+    def train(
+        self,
+        number: int,
+        weights: Mapping[str, torch.Tensor],
+        template: RoundAggregate,
+        clients: Sequence[int],
+        client_config: Mapping[str, Any],
+    ) -> list[tuple[RoundAggregate, list[float]]]:
         started = time.perf_counter()
-        if ledger is not None:
-            upcoming = epsilon_over_budget(privacy, ledger, sample_rate)
-            if upcoming is not None:
-                echo(
-                    f"budget exhausted: round {number} would take epsilon to {upcoming:.4f}, "
-                    f"above {privacy.epsilon_budget:g}"
-                )
-                break
-            selected = [c for c in range(config.clients) if sampler.random() < sample_rate]
-        else:
-            selected = sorted(sampler.sample(range(config.clients), config.per_round))
-        client_config = {**app.default_config, **config.client_config, **strategy.configure_round(number)}
-        clip_norm = getattr(strategy, "clip_norm", None)
-        aggregate = strategy.begin_round(number, weights)
-        plans = [trainer.plan(config, number, client, client_config) for client in selected]
-        for update in trainer.train(plans, weights, client_config):
+        aggregate = copy.deepcopy(template)
+        plans = [self.trainer.plan(self.config, number, client, client_config) for client in clients]
+        for update in self.trainer.train(plans, weights, client_config):  # selection order, as inprocess adds
             aggregate.add(update)
-        weights = strategy.finish_round(number, weights, aggregate)
-        extra: dict[str, float] = {}
-        if ledger is not None:
-            ledger.record_round(privacy.noise_multiplier, sample_rate)
-            extra = {"epsilon": ledger.epsilon(), "clip_norm": float(clip_norm or math.nan)}
-        eval_loss, eval_accuracy = evaluate_stacked(app, config, model, weights, selected)
-        record = RoundRecord(
-            round=number,
-            num_clients=aggregate.num_updates,
-            num_examples=aggregate.num_examples,
-            train_loss=aggregate.metrics().get("train_loss", math.nan),
-            eval_loss=eval_loss,
-            eval_accuracy=eval_accuracy,
-            duration_seconds=time.perf_counter() - started,
-            extra=extra,
-        )
-        records.append(record)
-        on_round(record)
-    return records, weights
+        # Clients train together: each is charged an equal share of the round's training time.
+        share = (time.perf_counter() - started) / max(1, len(clients))
+        return [(aggregate, [share] * len(clients))]
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], clients: Sequence[int]) -> tuple[int, float, float]:
+        return stacked_evaluation_sums(self.trainer.app, self.config, self.trainer.model, weights, list(clients))
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------ what is supported
@@ -468,19 +457,19 @@ def _saved_bytes_per_sample(model: nn.Module, inputs: torch.Tensor, targets: tor
 
 
 @torch.no_grad()
-def evaluate_stacked(
+def stacked_evaluation_sums(
     app: App, config: SimulationConfig, model: nn.Module, weights: Mapping[str, torch.Tensor], clients: list[int]
-) -> tuple[float, float]:
-    """`inprocess._evaluate` (federated evaluation on the round's clients' test shares) in a few
-    large forward passes over all their test rows at once instead of one loader per client."""
+) -> tuple[int, float, float]:
+    """`inprocess.evaluation_sums` (examples, loss sum, correct on the round's clients' test shares)
+    in a few large forward passes over all their test rows at once instead of one loader per client."""
     if not clients:
-        return math.nan, math.nan
+        return 0, 0.0, 0.0
     rows = []
     test: TensorDataset | None = None
     for client in clients:
         _, share = app.partition(client, config.clients, config.partition, config.seed)
         if len(share) == 0 or not isinstance(share.dataset, TensorDataset):
-            return _evaluate(app, config, model, dict(weights), clients)  # same behaviour (and error)
+            return evaluation_sums(app, config, model, weights, clients)  # same behaviour (and error)
         test = share.dataset
         rows.append(torch.as_tensor(list(share.indices), dtype=torch.long))
     assert test is not None
@@ -497,4 +486,12 @@ def evaluate_stacked(
         if outputs.dim() == 2 and not labels.is_floating_point():
             correct += int((outputs.argmax(dim=1) == labels).sum())
     model.train()
-    return loss_sum / len(index), correct / len(index)
+    return len(index), loss_sum, float(correct)
+
+
+def evaluate_stacked(
+    app: App, config: SimulationConfig, model: nn.Module, weights: Mapping[str, torch.Tensor], clients: list[int]
+) -> tuple[float, float]:
+    """Mean loss and accuracy of `stacked_evaluation_sums`."""
+    examples, loss_sum, correct = stacked_evaluation_sums(app, config, model, weights, clients)
+    return (loss_sum / examples, correct / examples) if examples else (math.nan, math.nan)
