@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,3 +46,27 @@ def tiny_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """A 2-tensor model small enough to hand-check aggregation over the wire."""
     g = torch.Generator().manual_seed(seed)
     return {"w": torch.randn(3, 2, generator=g), "b": torch.zeros(3)}
+
+
+# Databases the persistence tests run against: SQLite always; PostgreSQL too when
+# LEPTONFL_TEST_POSTGRES_URL names a server (CI starts one with .ci/postgres.sh).
+POSTGRES_URL = os.environ.get("LEPTONFL_TEST_POSTGRES_URL", "")
+DATABASES = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    import sqlalchemy as sa
+
+    name = f"leptonfl_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

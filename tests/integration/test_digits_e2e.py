@@ -9,10 +9,18 @@ import torch
 from client_sdk import FederatedClient, TorchTrainer
 from server.control_client import ControlClient, status_name
 from simulations.apps import load_app, loader
-from tests.conftest import DIGITS_APP
+from tests.conftest import DIGITS_APP, start_daemon
 
 
-def test_fedavg_run_over_grpc_commits_every_round_and_learns(daemon):
+def test_fedavg_run_over_grpc_commits_every_round_and_learns(tmp_path, db_url):
+    daemon = start_daemon(tmp_path / "data", db=db_url)
+    try:
+        _run_digits(daemon)
+    finally:
+        daemon.stop(grace=0.5)
+
+
+def _run_digits(daemon):
     app = load_app(DIGITS_APP)
     with ControlClient(daemon.address) as control:
         run = control.create_run(

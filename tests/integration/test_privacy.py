@@ -96,8 +96,8 @@ def test_epsilon_equals_opacus_and_the_budget_stops_the_run(daemon) -> None:
     assert "above the budget" in detail.run.status_reason
 
 
-def test_a_restart_resumes_the_ledger_exactly(tmp_path: Path) -> None:
-    first = start_daemon(tmp_path / "data")
+def test_a_restart_resumes_the_ledger_exactly(tmp_path: Path, db_url: str) -> None:
+    first = start_daemon(tmp_path / "data", db=db_url)
     port = int(first.address.rsplit(":", 1)[1])
     clients = clients_for(first.address, 2)
     try:
@@ -113,7 +113,7 @@ def test_a_restart_resumes_the_ledger_exactly(tmp_path: Path) -> None:
             )
             wait_until(lambda: control.get_run(run.run_id).run.committed_rounds >= 1)
         first.stop(grace=0.5)
-        second = start_daemon(tmp_path / "data", address=f"127.0.0.1:{port}")
+        second = start_daemon(tmp_path / "data", address=f"127.0.0.1:{port}", db=db_url)
         try:
             with ControlClient(second.address) as control:
                 wait_until(lambda: status_name(control.get_run(run.run_id).run) == "completed")
