@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
-from alembic import command
 from server.store import SchemaError, Store
 from server.store.db import MIGRATIONS_DIR, current_revision, ensure_schema, head_revision, migrate, open_engine
 from server.store.models import Base
