@@ -590,7 +590,12 @@ def test_a_client_hanging_up_mid_upload_leaves_no_error_in_the_daemon_log(pki, t
         time.sleep(0.3)
         future.cancel()
         release.set()
-        wait_until(lambda: any("abandoned" in r.getMessage() for r in caplog.records), 5, "the daemon to notice")
+        # Depending on timing gRPC shows the hang-up as a cancelled call or as a stream that ended
+        # early; either way the partial update is discarded and logged at INFO.
+        noticed = ("abandoned", "stream ended early")
+        wait_until(
+            lambda: any(n in r.getMessage() for r in caplog.records for n in noticed), 20, "the daemon to notice"
+        )
         time.sleep(0.2)
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
     assert alice.upload(update_messages(task, initial_weights(), 1)).accepted, "the retry is accepted"
