@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--rounds", type=int, default=5)
     create.add_argument("--clients-per-round", type=int, default=2)
     create.add_argument(
-        "--min-clients", type=int, help="fewest updates a round may close with (default: clients per round)"
+        "--min-clients",
+        type=int,
+        help="fewest updates a round may close with (default: clients per round); under --dp central, the "
+        "smallest online population a round samples from (q = K / population), which may exceed K",
     )
     create.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round phase (default 300)")
     create.add_argument(

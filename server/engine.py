@@ -713,6 +713,8 @@ class RoundEngine:
         clip_norm = getattr(state.strategy, "clip_norm", None)  # central DP: the norm this round used
         weights = state.strategy.finish_round(open_.number, state.weights, open_.aggregate)
         metrics: dict[str, Any] = dict(open_.aggregate.metrics())
+        if "epsilon" in metrics:  # clients' own (local DP) epsilons; "epsilon" is the run's central one
+            metrics["local_epsilon_mean"] = metrics.pop("epsilon")
         ledger_state: dict[str, Any] | None = None
         if state.ledger is not None:
             ledger = _ledger_from(state.ledger.state_dict())

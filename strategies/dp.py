@@ -319,8 +319,8 @@ class CentralDP(Strategy):
     ) -> Weights:
         if not isinstance(aggregate, ClippedSum):
             raise TypeError(f"CentralDP finishes rounds it began (a ClippedSum), got {type(aggregate).__name__}")
-        if aggregate.num_updates == 0:
-            raise ValueError("no update to aggregate")
+        # A round Poisson sampling left empty still releases a (noise-only) update: DP-FedAvg's
+        # analysis, and the accountant's step, assume every round does.
         clip = aggregate.clip_norm
         m = self._expected_clients
         sum_std = self._update_noise_multiplier * clip
@@ -340,7 +340,11 @@ class CentralDP(Strategy):
         for name in sorted(sums):
             noise = torch.randn(sums[name].shape, generator=generator, dtype=torch.float64)
             floating[name] = noise.mul_(sum_std).add_(sums[name]).div_(m).add_(reference[name])
-        others = aggregate.non_floating_mean()
+        others = (
+            aggregate.non_floating_mean()
+            if aggregate.num_updates
+            else {name: global_weights[name] for name in aggregate.names() if name not in floating}
+        )
         mean: Weights = {}
         for name in aggregate.names():
             if name in floating:
@@ -356,7 +360,7 @@ class CentralDP(Strategy):
         self.last_clip_norm = clip
         self.last_noise_std = sum_std / m
         self.last_num_clients = aggregate.num_updates
-        self.last_unclipped_fraction = aggregate.num_unclipped / aggregate.num_updates
+        self.last_unclipped_fraction = aggregate.num_unclipped / max(1, aggregate.num_updates)
         self.last_noisy_unclipped_fraction = noisy_fraction
         return new_weights
 

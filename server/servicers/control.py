@@ -145,7 +145,8 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
     @unary
     def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.ListRunsResponse:
         self.authorizer.require(context, ROLE_OPERATOR)
-        return pb.ListRunsResponse(runs=[run_to_pb(r) for r in self.engine.list_runs()])
+        store = self.engine.store
+        return pb.ListRunsResponse(runs=[run_to_pb(r, store.local_epsilons(r.id)) for r in self.engine.list_runs()])
 
     @unary
     def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.RunDetail:
@@ -168,13 +169,14 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         while context.is_active():
             version = self.engine.wait_for_change(version, WATCH_POLL_S)
             run = self.engine.get_run(request.run_id)
+            run_pb = run_to_pb(run, self.engine.store.local_epsilons(run.id))
             for r in (round_to_pb(r) for r in self.engine.rounds(run.id)):
                 if sent.get(r.round) != (wire := r.SerializeToString()):
                     sent[r.round] = wire
-                    yield pb.RunEvent(run=run_to_pb(run), round=r)
+                    yield pb.RunEvent(run=run_pb, round=r)
             number, updates, selected = self.engine.progress(run.id)
             progress = pb.RunEvent(
-                run=run_to_pb(run), open_round=number, open_round_updates=updates, open_round_selected=selected
+                run=run_pb, open_round=number, open_round_updates=updates, open_round_selected=selected
             )
             if (wire := progress.SerializeToString()) != last_progress:
                 last_progress = wire

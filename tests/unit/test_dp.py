@@ -399,6 +399,18 @@ def test_rejects_non_mean_based_inner_and_foreign_aggregates() -> None:
     foreign.add(ClientUpdate(g, 1))
     with pytest.raises(TypeError, match="ClippedSum"):
         strategy.finish_round(1, g, foreign)
-    with pytest.raises(ValueError, match="no update"):
-        strategy.finish_round(1, g, strategy.begin_round(1, g))
-    assert strategy.rounds == 0
+    assert strategy.rounds == 0  # a refused round changes nothing (an empty one is noise only: see below)
+
+
+def test_an_empty_round_releases_noise_only() -> None:
+    """Poisson sampling may select nobody: the round still commits global + N(0, (zC)^2)/K."""
+    from strategies.dp import CentralDP
+    from strategies.fedavg import FedAvg
+
+    weights = {"w": torch.zeros(20_000)}
+    dp = CentralDP(FedAvg(), noise_multiplier=1.0, clip_norm=2.0, expected_clients=4, seed=7)
+    aggregate = dp.begin_round(1, weights)
+    new = dp.finish_round(1, weights, aggregate)["w"]
+    assert new.dtype == torch.float32 and not torch.equal(new, weights["w"])
+    assert abs(float(new.std()) - 0.5) < 0.02  # z*C/K = 1*2/4
+    assert dp.last_num_clients == 0 and dp.rounds == 1
