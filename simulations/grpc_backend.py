@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,8 @@ class DaemonProcess:
 def run_grpc(
     app: App, config: SimulationConfig, on_round: Callable[[RoundRecord], None]
 ) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
+    # The daemon's state is this simulation's scratch space: start from an empty one each time.
+    shutil.rmtree(config.out / "daemon", ignore_errors=True)
     daemon = DaemonProcess(
         config.out / "daemon", config.out / "daemon.log", ["--selection-grace", "1", "--liveness-timeout", "60"]
     )
