@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="ray: join this cluster (auto, HOST:PORT, ray://HOST:10001); default $RAY_ADDRESS or local",
     )
+    sim.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="sim-out", help="output folder (metrics.jsonl, metrics.csv, metrics.png)")
     sim.add_argument(

@@ -472,6 +472,7 @@ def sim(args: argparse.Namespace) -> int:
         privacy=privacy_from_args(args),
         workers=args.workers,
         ray_address=args.ray_address,
+        plots=args.plots,
     )
     from server.control_client import ControlError
 

@@ -27,12 +27,13 @@ class SimulationConfig:
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     client_config: Mapping[str, Any] = field(default_factory=dict)  # overrides the app's defaults
     round_timeout_s: float = 300.0
-    privacy: PrivacySettings = PrivacySettings()
+    privacy: PrivacySettings = PrivacySettings()  # with central DP, clients_per_round is the expected K
     # inprocess: worker processes (0 = one per available core; 1 = this process only);
     # ray: actors (0 = one per CPU of the cluster)
     workers: int = 1
     # ray: an existing cluster (auto, HOST:PORT, ray://HOST:10001); None: $RAY_ADDRESS or a local instance
-    ray_address: str | None = None  # with central DP, clients_per_round is the expected K
+    ray_address: str | None = None
+    plots: bool = True  # PNG plots (benchmarks turn them off: matplotlib costs ~1 s)
 
     def worker_count(self) -> int:
         if self.workers > 0:

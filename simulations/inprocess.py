@@ -14,13 +14,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any, Protocol
 
 import torch
+from torch.utils.data import TensorDataset
 
 from client_sdk.training import evaluate_model, load_weights, snapshot, train_epochs
 from simulations.apps import App, loader
+from simulations.batching import epoch_batches
 from simulations.config import SimulationConfig
 from simulations.report import RoundRecord
 from strategies import ClientUpdate, RoundAggregate
@@ -70,10 +71,11 @@ def train_client(
     train, _ = app.partition(client, config.clients, config.partition, config.seed)
     load_weights(model, weights)
     optimizer = app.make_optimizer(model.parameters(), client_config)
-    data = loader(train, int(client_config.get("batch_size", 32)), True, client_seed(config.seed, number, client))
     epochs = int(client_config.get("local_epochs", 1))
+    seed = client_seed(config.seed, number, client)
+    batches = epoch_batches(train, int(client_config.get("batch_size", 32)), seed, epochs)
     mu = float(client_config.get("proximal_mu", 0.0))
-    examples, loss = train_epochs(model, partial(iter, data), optimizer, epochs, app.loss_fn, mu)
+    examples, loss = train_epochs(model, batches, optimizer, epochs, app.loss_fn, mu)
     return ClientUpdate(snapshot(model), examples, {"train_loss": loss})
 
 
@@ -96,6 +98,10 @@ def fold_clients(
     return seconds
 
 
+EVAL_CHUNK = 8192
+
+
+@torch.no_grad()
 def evaluation_sums(
     app: App,
     config: SimulationConfig,
@@ -103,16 +109,34 @@ def evaluation_sums(
     weights: Mapping[str, torch.Tensor],
     clients: Sequence[int],
 ) -> tuple[int, float, float]:
-    """(examples, loss sum, correct) of `weights` on the clients' test shares."""
+    """(examples, loss sum, correct) of `weights` on the clients' test shares: a few large forward
+    passes over all their rows at once when the test set is a TensorDataset, else a loader each."""
+    if not clients:
+        return 0, 0.0, 0.0
+    shares = [app.partition(client, config.clients, config.partition, config.seed)[1] for client in clients]
     load_weights(model, weights)
-    examples, loss_sum, correct = 0, 0.0, 0.0
-    for client in clients:
-        _, test = app.partition(client, config.clients, config.partition, config.seed)
-        result = evaluate_model(model, loader(test, 256, False, 0), app.loss_fn)
-        examples += result.num_examples
-        loss_sum += result.loss * result.num_examples
-        correct += result.metrics["accuracy"] * result.num_examples
-    return examples, loss_sum, correct
+    base = shares[0].dataset
+    if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and all(len(s) for s in shares)):
+        examples, loss_sum, correct = 0, 0.0, 0.0
+        for share in shares:
+            result = evaluate_model(model, loader(share, 256, False, 0), app.loss_fn)
+            examples += result.num_examples
+            loss_sum += result.loss * result.num_examples
+            correct += result.metrics["accuracy"] * result.num_examples
+        return examples, loss_sum, correct
+    index = torch.cat([torch.as_tensor(list(share.indices), dtype=torch.long) for share in shares])
+    inputs, targets = base.tensors
+    model.eval()
+    loss_sum, hits = 0.0, 0
+    for start in range(0, len(index), EVAL_CHUNK):
+        chunk = index[start : start + EVAL_CHUNK]
+        outputs, labels = model(inputs[chunk]), targets[chunk]
+        # the app's loss, per example: mean over the chunk times its size
+        loss_sum += float(app.loss_fn(outputs, labels)) * len(chunk)
+        if outputs.dim() == 2 and not labels.is_floating_point():
+            hits += int((outputs.argmax(dim=1) == labels).sum())
+    model.train()
+    return len(index), loss_sum, float(hits)
 
 
 def _evaluate(
@@ -147,6 +171,10 @@ def run_inprocess(
     model = app.build_model()
     sampler = random.Random(config.seed)
     records: list[RoundRecord] = []
+    # Many small models: a second intra-op thread costs more than it gives (and fights the
+    # workers for cores); parallelism comes from worker processes instead.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for number in range(1, config.rounds + 1):
             started = time.perf_counter()
@@ -207,6 +235,7 @@ def run_inprocess(
             records.append(record)
             on_round(record)
     finally:
+        torch.set_num_threads(threads)
         if pool is not None:
             pool.close()
     return records, weights

@@ -177,9 +177,8 @@ def run_simulation(
     seconds = time.perf_counter() - started
 
     metrics_path, _ = write_metrics(records, config.out)
-    plots = write_plots(
-        records, config.out, f"{app.name}: {config.strategy}, {config.clients} clients ({config.backend})"
-    )
+    title = f"{app.name}: {config.strategy}, {config.clients} clients ({config.backend})"
+    plots = write_plots(records, config.out, title) if config.plots else []
     model_path = config.out / "final.safetensors"
     save_file({k: v.contiguous() for k, v in weights.items()}, str(model_path))
     info.update(

@@ -51,10 +51,12 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
 
-from client_sdk.training import load_weights, sgd
+from client_sdk.training import sgd
 from simulations.apps import App, loader
+from simulations.batching import loader_orders, shuffled_orders
 from simulations.config import SimulationConfig
-from simulations.inprocess import Progress, client_seed, evaluation_sums, run_inprocess
+from simulations.inprocess import Progress, client_seed, run_inprocess
+from simulations.inprocess import evaluation_sums as stacked_evaluation_sums
 from simulations.report import RoundRecord
 from strategies import ClientUpdate, RoundAggregate
 
@@ -232,30 +234,6 @@ class ClientPlan:
     @property
     def steps(self) -> int:
         return self.epochs * self.batches_per_epoch
-
-
-def shuffled_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
-    """[epochs, count] positions, each row the order `loader(data, batch_size, True, seed)`
-    yields an epoch in when iterated `epochs` times (as `train_epochs` does).
-
-    Per epoch the DataLoader's iterator draws one int64 base seed from the generator, then
-    `RandomSampler` draws `randperm(count)` for the epoch and, when it is exhausted, one more
-    `randperm(count)` (for a zero-length remainder) — reproduced here draw for draw.
-    `loader_orders` is the slow, literal reference this is checked against.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(epochs):
-        torch.empty((), dtype=torch.int64).random_(generator=generator)
-        rows.append(torch.randperm(count, generator=generator))
-        torch.randperm(count, generator=generator)
-    return torch.stack(rows)
-
-
-def loader_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
-    """What `shuffled_orders` computes, obtained by iterating the very DataLoader `inprocess` uses."""
-    data = loader(TensorDataset(torch.arange(count)), batch_size, True, seed)
-    return torch.stack([torch.cat([batch for (batch,) in data]) for _ in range(epochs)])
 
 
 # ------------------------------------------------------------------------------- packing
@@ -456,42 +434,9 @@ def _saved_bytes_per_sample(model: nn.Module, inputs: torch.Tensor, targets: tor
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def stacked_evaluation_sums(
-    app: App, config: SimulationConfig, model: nn.Module, weights: Mapping[str, torch.Tensor], clients: list[int]
-) -> tuple[int, float, float]:
-    """`inprocess.evaluation_sums` (examples, loss sum, correct on the round's clients' test shares)
-    in a few large forward passes over all their test rows at once instead of one loader per client."""
-    if not clients:
-        return 0, 0.0, 0.0
-    rows = []
-    test: TensorDataset | None = None
-    for client in clients:
-        _, share = app.partition(client, config.clients, config.partition, config.seed)
-        if len(share) == 0 or not isinstance(share.dataset, TensorDataset):
-            return evaluation_sums(app, config, model, weights, clients)  # same behaviour (and error)
-        test = share.dataset
-        rows.append(torch.as_tensor(list(share.indices), dtype=torch.long))
-    assert test is not None
-    inputs, targets = test.tensors[0], test.tensors[1]
-    index = torch.cat(rows)
-    load_weights(model, weights)
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(index), EVAL_CHUNK):
-        chunk = index[start : start + EVAL_CHUNK]
-        outputs = model(inputs[chunk])
-        labels = targets[chunk]
-        loss_sum += float(F.cross_entropy(outputs, labels, reduction="none").double().sum())
-        if outputs.dim() == 2 and not labels.is_floating_point():
-            correct += int((outputs.argmax(dim=1) == labels).sum())
-    model.train()
-    return len(index), loss_sum, float(correct)
-
-
 def evaluate_stacked(
     app: App, config: SimulationConfig, model: nn.Module, weights: Mapping[str, torch.Tensor], clients: list[int]
 ) -> tuple[float, float]:
-    """Mean loss and accuracy of `stacked_evaluation_sums`."""
+    """Mean loss and accuracy of the batched federated evaluation."""
     examples, loss_sum, correct = stacked_evaluation_sums(app, config, model, weights, clients)
     return (loss_sum / examples, correct / examples) if examples else (math.nan, math.nan)
