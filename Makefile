@@ -31,8 +31,10 @@ demo: $(STAMP)
 fuzz: $(STAMP)
 	LEPTONFL_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/integration/test_fuzz.py -p no:cacheprovider -o timeout=3600
 
+# Simulation backends vs a bare PyTorch loop (W1-W3): a table of ratios from one invocation;
+# always exits 0. e.g. make bench-sim BENCH_ARGS="--quick --only W1"
 bench-sim: $(STAMP)
-	$(BIN)/python benchmarks/sim_bench.py
+	$(BIN)/python benchmarks/sim_bench.py $(BENCH_ARGS)
 
 bench: bench-sim
 
