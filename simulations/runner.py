@@ -35,7 +35,7 @@ class SimulationResult:
     records: list[RoundRecord]
     weights: dict[str, torch.Tensor]
     metrics_path: Path
-    plot_path: Path  # metrics.png
+    plot_path: Path | None  # metrics.png (None with plots turned off)
     model_path: Path
     seconds: float
     plots: list[Path] = field(default_factory=list)  # every PNG written, metrics.png first
@@ -192,7 +192,7 @@ def run_simulation(
         records,
         weights,
         metrics_path,
-        plots[0],
+        plots[0] if plots else None,
         model_path,
         seconds,
         plots=plots,
