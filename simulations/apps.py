@@ -34,6 +34,9 @@ from client_sdk.training import LossFn, OptimizerFactory, sgd
 from simulations.partition import partition_indices
 
 
+PARTITION_CACHE_SIZE = 4096
+
+
 class AppError(ValueError):
     """The app cannot be found or does not follow the contract."""
 
@@ -47,6 +50,9 @@ class App:
     default_config: Mapping[str, Any] = field(default_factory=dict)
     make_optimizer: OptimizerFactory = sgd
     loss_fn: LossFn = nn.functional.cross_entropy
+    _partition_cache: dict[tuple[int, int, str, int], tuple[Subset, Subset]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def initial_weights(self, seed: int) -> dict[str, torch.Tensor]:
         """The model's freshly initialised weights under `seed` (same on every host)."""
@@ -54,6 +60,16 @@ class App:
         return {k: v.detach().clone() for k, v in self.build_model().state_dict().items()}
 
     def partition(self, index: int, count: int, partitioner: str = "iid", seed: int = 0) -> tuple[Subset, Subset]:
+        key = (index, count, partitioner, seed)
+        cached = self._partition_cache.get(key)
+        if cached is None:
+            cached = self._partition(index, count, partitioner, seed)
+            if len(self._partition_cache) >= PARTITION_CACHE_SIZE:  # bounded: huge populations stay cheap
+                self._partition_cache.pop(next(iter(self._partition_cache)))
+            self._partition_cache[key] = cached
+        return cached
+
+    def _partition(self, index: int, count: int, partitioner: str, seed: int) -> tuple[Subset, Subset]:
         """Client `index` of `count`: its train share (by `partitioner`) and an IID test share.
 
         Computed lazily for `iid` and `quantity:σ` (a cached permutation plus offsets), so a

@@ -32,11 +32,10 @@ class WeightedMean(RoundAggregate):
         if wrong:
             raise ValueError(f"update tensors {wrong} differ in shape from the global model's")
         for name, tensor in update.weights.items():
-            contribution = tensor.detach().to(torch.float64) * update.num_examples
-            if name in self._sums:
-                self._sums[name].add_(contribution)
-            else:
-                self._sums[name] = contribution
+            if name not in self._sums:
+                self._sums[name] = torch.zeros(tensor.shape, dtype=torch.float64)
+            # in place, promoted to float64: no model-sized temporaries per update
+            self._sums[name].add_(tensor.detach(), alpha=update.num_examples)
 
     def _merge_state(self, other: RoundAggregate) -> None:
         assert isinstance(other, WeightedMean)
