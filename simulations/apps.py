@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from client_sdk.training import LossFn, OptimizerFactory, sgd
 from simulations.partition import partition_indices
 
-
 PARTITION_CACHE_SIZE = 4096
 
 
