@@ -52,6 +52,7 @@ class StreamLimits:
     max_rank: int = 8
     max_name_length: int = 256
     max_chunk_bytes: int = 8 << 20
+    max_elements: int = 1 << 40
 
 
 def dtype_name(wire_dtype: int) -> str:
@@ -119,6 +120,11 @@ def validate_header(header: pb.ModelHeader, limits: StreamLimits) -> None:
             raise CodecError(f"tensor {spec.name!r} has rank {len(spec.shape)} > {limits.max_rank}")
         if any(d < 0 for d in spec.shape):
             raise CodecError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
+        # Even an empty tensor must have strides that fit: bound the product of its non-zero dims.
+        if math.prod(d for d in spec.shape if d) > limits.max_elements:
+            raise CodecError(
+                f"tensor {spec.name!r} has shape {list(spec.shape)}, beyond {limits.max_elements} elements"
+            )
         total += spec_nbytes(spec)
         if total > limits.max_total_bytes:
             raise CodecError(f"model exceeds the size limit of {limits.max_total_bytes} bytes")

@@ -464,8 +464,12 @@ class RoundEngine:
             raise InvalidArgument(str(exc)) from exc
         if not weights:
             raise InvalidArgument("the initial model has no tensors")
-        if any(name.startswith(STATE_PREFIX) for name in weights):
-            raise InvalidArgument(f"tensor names starting with {STATE_PREFIX!r} are reserved")
+        if any(name.startswith(STATE_PREFIX) or name == "__metadata__" for name in weights):
+            raise InvalidArgument(f"tensor names starting with {STATE_PREFIX!r}, and '__metadata__', are reserved")
+        for what, values in (("strategy parameter", spec.strategy_params), ("client config", spec.client_config)):
+            for key, value in values.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise InvalidArgument(f"{what} {key!r} must be a finite number, not {value}")
         bad = non_finite_tensors(weights)
         if bad:
             raise InvalidArgument(f"initial model has NaN or Inf values in {', '.join(bad)}")
@@ -763,10 +767,11 @@ class RoundEngine:
         assert open_ is not None
         results = list(open_.evaluated.values())
         examples = sum(n for n, _, _ in results)
-        loss = sum(n * lo for n, lo, _ in results) / examples if examples else None
+        # Convex combinations (weights n / total), so large finite losses cannot overflow.
+        loss = sum(lo * (n / examples) for n, lo, _ in results) if examples else None
         with_acc = [(n, a) for n, _, a in results if a is not None]
         acc_examples = sum(n for n, _ in with_acc)
-        accuracy = sum(n * a for n, a in with_acc) / acc_examples if acc_examples else None
+        accuracy = sum(a * (n / acc_examples) for n, a in with_acc) if acc_examples else None
         self.store.set_round_evaluation(run.id, open_.number, loss, accuracy, len(results))
         log.info(
             "run %s round %d evaluated by %d clients: loss %s, accuracy %s",

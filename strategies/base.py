@@ -51,8 +51,16 @@ class RoundAggregate(ABC):
     def __init__(self) -> None:
         self.num_updates = 0
         self.num_examples = 0
-        self._metric_sums: dict[str, float] = {}
+        # Running example-weighted means (not sums: n × a large finite value would overflow).
+        self._metric_means: dict[str, float] = {}
         self._metric_weights: dict[str, int] = {}
+
+    def _fold_metric(self, key: str, mean: float, weight: int) -> None:
+        """Combine a (mean, weight) pair into the running mean as a convex combination."""
+        total = self._metric_weights.get(key, 0) + weight
+        share = weight / total
+        self._metric_means[key] = self._metric_means.get(key, 0.0) * (1 - share) + mean * share
+        self._metric_weights[key] = total
 
     def add(self, update: ClientUpdate) -> None:
         if update.num_examples <= 0:
@@ -62,8 +70,7 @@ class RoundAggregate(ABC):
         self.num_examples += update.num_examples
         for key, value in update.metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value * update.num_examples
-                self._metric_weights[key] = self._metric_weights.get(key, 0) + update.num_examples
+                self._fold_metric(key, float(value), update.num_examples)
 
     def merge(self, other: RoundAggregate) -> None:
         """Fold in another partial aggregate of the same round — e.g. one a simulation worker
@@ -73,9 +80,8 @@ class RoundAggregate(ABC):
         self._merge_state(other)
         self.num_updates += other.num_updates
         self.num_examples += other.num_examples
-        for key, total in other._metric_sums.items():
-            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + total
-            self._metric_weights[key] = self._metric_weights.get(key, 0) + other._metric_weights[key]
+        for key, mean in other._metric_means.items():
+            self._fold_metric(key, mean, other._metric_weights[key])
 
     @property
     def mergeable(self) -> bool:
@@ -86,7 +92,7 @@ class RoundAggregate(ABC):
 
     def metrics(self) -> dict[str, float]:
         """Example-weighted mean of every numeric client metric (e.g. train_loss)."""
-        return {k: self._metric_sums[k] / self._metric_weights[k] for k in self._metric_sums}
+        return dict(self._metric_means)
 
     @abstractmethod
     def _fold(self, update: ClientUpdate) -> None:

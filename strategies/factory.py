@@ -41,6 +41,10 @@ class PrivacySettings:
         return self.mode == "central"
 
     def validate(self) -> None:
+        numbers = {k: v for k, v in asdict(self).items() if isinstance(v, float)}
+        bad = sorted(k for k, v in numbers.items() if not math.isfinite(v))
+        if bad:
+            raise ValueError(f"privacy settings must be finite numbers: {', '.join(bad)}")
         if self.mode not in ("", "central"):
             raise ValueError(f"unknown DP mode {self.mode!r}; use 'central' (or none)")
         if not self.enabled:
