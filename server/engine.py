@@ -62,6 +62,7 @@ from strategies.factory import PrivacySettings, build_strategy, epsilon_over_bud
 log = logging.getLogger("leptonfl.engine")
 
 TRAIN, EVALUATE = "train", "evaluate"
+SERVER_METRICS = frozenset({"clip_norm", "sample_rate"})  # round metrics only the server writes
 MAX_EXAMPLES = 1 << 40
 
 
@@ -719,6 +720,8 @@ class RoundEngine:
         metrics: dict[str, Any] = dict(open_.aggregate.metrics())
         if "epsilon" in metrics:  # clients' own (local DP) epsilons; "epsilon" is the run's central one
             metrics["local_epsilon_mean"] = metrics.pop("epsilon")
+        for key in SERVER_METRICS & metrics.keys():  # a client may not pose as the server's DP figures
+            metrics[f"client_{key}"] = metrics.pop(key)
         ledger_state: dict[str, Any] | None = None
         if state.ledger is not None:
             ledger = _ledger_from(state.ledger.state_dict())
