@@ -185,8 +185,10 @@ class ModelAssembler:
         if self._offset + len(chunk.data) > size:
             raise CodecError(f"tensor {self._specs[self._index].name!r} overflows its {size} bytes")
         if len(self._buffers) == self._index:
-            self._buffers.append(bytearray(size))  # allocated only once its first byte arrives
-        self._buffers[self._index][self._offset : self._offset + len(chunk.data)] = chunk.data
+            # Grown as bytes arrive (chunks are in order), so a sender that declares a huge tensor
+            # and stalls holds memory only for what it actually sent.
+            self._buffers.append(bytearray())
+        self._buffers[self._index] += chunk.data
         self._offset += len(chunk.data)
         self.received_bytes += len(chunk.data)
         self._skip_empty()

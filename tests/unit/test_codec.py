@@ -473,3 +473,17 @@ def test_float16_overflow_is_non_finite() -> None:
 def test_wire_dtype_table_is_a_bijection() -> None:
     assert len(codec.WIRE_TO_TORCH) == len(codec.TORCH_TO_WIRE) == 10
     assert set(codec.TORCH_TO_WIRE.values()) == set(pb.DType.values()) - {pb.DTYPE_UNSPECIFIED}
+
+
+def test_a_stalled_sender_holds_memory_only_for_the_bytes_it_sent() -> None:
+    """A header may declare 1 GiB; one byte later the receiver must not have allocated it."""
+    import tracemalloc
+
+    header = pb.ModelHeader(tensors=[pb.TensorSpec(name="w", dtype=pb.FLOAT32, shape=[2**28])], total_bytes=2**30)
+    tracemalloc.start()
+    assembler = ModelAssembler(header, StreamLimits())
+    assembler.add(pb.TensorData(tensor_index=0, offset=0, data=b"x"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20
+    assert assembler.received_bytes == 1 and not assembler.complete
