@@ -10,6 +10,7 @@ and the training functions are the daemon's and the SDK's own.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -96,6 +97,23 @@ def fold_clients(
         aggregate.add(train_client(app, config, model, weights, client, number, client_config))
         seconds.append(time.perf_counter() - started)
     return seconds
+
+
+def train_share(
+    app: App,
+    config: SimulationConfig,
+    model: torch.nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    template: RoundAggregate,
+    clients: Sequence[int],
+    number: int,
+    client_config: Mapping[str, Any],
+) -> tuple[RoundAggregate, list[float]]:
+    """A pool member's part of a round: its clients folded into a private copy of the round's
+    empty aggregate (the template may arrive in memory shared with other members)."""
+    aggregate = copy.deepcopy(template)
+    seconds = fold_clients(app, config, model, weights, clients, number, client_config, aggregate)
+    return aggregate, seconds
 
 
 EVAL_CHUNK = 8192

@@ -13,7 +13,6 @@ tensor handles), not a trust boundary: nothing here is reachable from the networ
 
 from __future__ import annotations
 
-import copy
 import heapq
 import traceback
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ class WorkerError(RuntimeError):
 
 
 def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
-    from simulations.inprocess import evaluation_sums, fold_clients
+    from simulations.inprocess import evaluation_sums, train_share
 
     torch.set_num_threads(1)
     model = app.build_model()
@@ -56,10 +55,7 @@ def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
                 return
             if message[0] == "train":
                 _, number, weights, template, clients, client_config = message
-                # Tensors arrive in shared memory, the same pages for every worker: fold into a private copy.
-                aggregate = copy.deepcopy(template)
-                seconds = fold_clients(app, config, model, weights, clients, number, client_config, aggregate)
-                conn.send(("ok", (aggregate, seconds)))
+                conn.send(("ok", train_share(app, config, model, weights, template, clients, number, client_config)))
             else:
                 _, weights, clients = message
                 conn.send(("ok", evaluation_sums(app, config, model, weights, clients)))

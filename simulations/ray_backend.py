@@ -9,7 +9,7 @@ same shared path) and builds its model once. Each round the driver puts the glob
 the round's empty aggregate into the object store once (`ray.put`) and hands the references to
 every actor with its share of the clients (the same deterministic greedy split on data size as
 the worker processes); an actor folds its clients into a copy of the aggregate with the
-backend's own `fold_clients`, so the math is the in-process backend's, and the partial
+backend's own `train_share`, so the math is the in-process backend's, and the partial
 aggregates come back as Ray objects that the driver merges in actor order. Evaluation is split
 the same way (`evaluation_sums`). Strategies whose aggregate cannot merge partials (median,
 Krum) train in the driver, as with worker processes.
@@ -26,7 +26,6 @@ in the environment), the pool joins that cluster and leaves it running.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import os
@@ -43,7 +42,7 @@ except ImportError as exc:  # an optional extra
 
 from simulations.apps import App, load_app
 from simulations.config import SimulationConfig
-from simulations.inprocess import Progress, evaluation_sums, fold_clients, run_inprocess
+from simulations.inprocess import Progress, evaluation_sums, run_inprocess, train_share
 from simulations.pool import WorkerError, greedy_shares
 from simulations.report import RoundRecord
 from strategies import RoundAggregate
@@ -76,9 +75,7 @@ class Trainer:
         clients: Sequence[int],
         client_config: Mapping[str, Any],
     ) -> tuple[RoundAggregate, list[float]]:
-        aggregate = copy.deepcopy(template)  # never fold into an object Ray may share between calls
-        seconds = fold_clients(self.app, self.config, self.model, weights, clients, number, client_config, aggregate)
-        return aggregate, seconds
+        return train_share(self.app, self.config, self.model, weights, template, clients, number, client_config)
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], clients: Sequence[int]) -> tuple[int, float, float]:
         return evaluation_sums(self.app, self.config, self.model, weights, clients)

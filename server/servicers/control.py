@@ -15,6 +15,7 @@ from server.auth import Authorizer
 from server.engine import RoundEngine, RunSpecInput
 from server.errors import InvalidArgument
 from server.provisioning import ROLE_OPERATOR
+from server.servicers.fleet import chunk_size
 from server.servicers.status import streaming, unary
 from server.store import RoundRecord, RunRecord
 from strategies.factory import PrivacySettings
@@ -191,4 +192,4 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         self.authorizer.require(context, ROLE_OPERATOR)
         number = request.round if request.HasField("round") else None
         weights = self.engine.checkpoint_weights(request.run_id, number)
-        yield from iter_model_chunks(weights, min(max(request.chunk_bytes or self.chunk_bytes, 64 << 10), 4 << 20))
+        yield from iter_model_chunks(weights, chunk_size(request.chunk_bytes, self.chunk_bytes))

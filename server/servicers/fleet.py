@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from protos import PROTOCOL_VERSION
-from protos.codec import iter_tensor_data, model_header
+from protos.codec import iter_model_chunks
 from protos.scalars import fill_scalar_map
 from protos.v1 import fleet_pb2 as pb
 from protos.v1 import fleet_pb2_grpc, tensors_pb2
@@ -21,6 +21,11 @@ from server.servicers.status import streaming, unary
 CLIENT_ID_KEY = "x-leptonfl-client-id"
 TOKEN_KEY = "x-leptonfl-token"
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 4 << 20
+
+
+def chunk_size(requested: int, default: int) -> int:
+    """The chunk size of a model download: the caller's hint (or the daemon's default), capped."""
+    return min(max(requested or default, MIN_CHUNK), MAX_CHUNK)
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
@@ -97,11 +102,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[tensors_pb2.ModelChunk]:
         weights = self.engine.task_model(self._caller(context), request.task_id)
-        chunk = min(max(request.chunk_bytes or self.chunk_bytes, MIN_CHUNK), MAX_CHUNK)
-        yield tensors_pb2.ModelChunk(header=model_header(weights))
-        for data in iter_tensor_data(weights, chunk):
-            self.metrics.bytes_sent.inc(len(data.data))
-            yield tensors_pb2.ModelChunk(data=data)
+        for chunk in iter_model_chunks(weights, chunk_size(request.chunk_bytes, self.chunk_bytes)):
+            self.metrics.bytes_sent.inc(len(chunk.data.data))  # 0 for the header
+            yield chunk
 
     @unary
     def UploadUpdate(
