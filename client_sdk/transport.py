@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -199,6 +200,10 @@ class FleetTransport:
             round=task.round,
             num_examples=num_examples,
             model=model_header(weights),
+            # One key for this result, re-sent on every retry: if the server made the update
+            # durable but its answer was lost (e.g. it was killed), the retry is acknowledged
+            # and counted once.
+            idempotency_key=secrets.token_hex(16),
         )
         fill_scalar_map(header.metrics, metrics)
 
@@ -211,7 +216,12 @@ class FleetTransport:
 
     def report_evaluation(self, task: pb.Task, num_examples: int, loss: float, metrics: Mapping[str, Any]) -> None:
         report = pb.EvaluationReport(
-            task_id=task.task_id, run_id=task.run_id, round=task.round, num_examples=num_examples, loss=loss
+            task_id=task.task_id,
+            run_id=task.run_id,
+            round=task.round,
+            num_examples=num_examples,
+            loss=loss,
+            idempotency_key=secrets.token_hex(16),
         )
         fill_scalar_map(report.metrics, metrics)
         self._call(

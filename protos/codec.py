@@ -77,7 +77,7 @@ def model_header(weights: Mapping[str, torch.Tensor]) -> pb.ModelHeader:
     return pb.ModelHeader(tensors=specs, total_bytes=sum(spec_nbytes(s) for s in specs))
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
@@ -89,7 +89,7 @@ def iter_tensor_data(
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
     for index, tensor in enumerate(weights.values()):
-        raw = _raw_bytes(tensor)
+        raw = raw_bytes(tensor)
         for offset in range(0, len(raw), chunk_bytes):
             yield pb.TensorData(tensor_index=index, offset=offset, data=bytes(raw[offset : offset + chunk_bytes]))
 
@@ -184,14 +184,18 @@ class ModelAssembler:
         size = self._sizes[self._index]
         if self._offset + len(chunk.data) > size:
             raise CodecError(f"tensor {self._specs[self._index].name!r} overflows its {size} bytes")
+        self._store(chunk.data)
+        self._offset += len(chunk.data)
+        self.received_bytes += len(chunk.data)
+        self._skip_empty()
+
+    def _store(self, data: bytes) -> None:
+        """Keep the validated bytes of the current tensor (subclasses may write them elsewhere)."""
         if len(self._buffers) == self._index:
             # Grown as bytes arrive (chunks are in order), so a sender that declares a huge tensor
             # and stalls holds memory only for what it actually sent.
             self._buffers.append(bytearray())
-        self._buffers[self._index] += chunk.data
-        self._offset += len(chunk.data)
-        self.received_bytes += len(chunk.data)
-        self._skip_empty()
+        self._buffers[self._index] += data
 
     @property
     def complete(self) -> bool:

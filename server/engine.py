@@ -1,14 +1,21 @@
 """The round engine: the daemon's state machine, free of gRPC.
 
-Per run: select online clients → hand out TRAIN tasks → fold uploaded updates into the
-strategy's aggregate as they arrive → close at quorum (every selected client answered)
-or at the deadline → commit checkpoint + round row + strategy state in one transaction
-→ EVALUATE tasks for the new global model on the same clients → next round.
+Per run: select online clients (over-selecting if the run asks) → persist the open round
+(its selected clients and task ids) → hand out TRAIN tasks → spool each uploaded update to
+disk, record it in the database, fold it into the strategy's aggregate, and only then
+acknowledge it → close at the quorum (`clients_per_round` updates, or every selected client
+answered) or at the deadline (extended once if short of `min_clients`, then the round is
+retried with fresh clients, then the run fails) → commit checkpoint + round row + strategy
+state + privacy ledger in one transaction → EVALUATE tasks for the new global model on the
+clients that delivered → next round.
 
 Servicers call the public methods from gRPC worker threads; a ticker thread opens and
-closes rounds. One lock guards the in-memory state; everything that must survive a
-restart is in the `Store` (committed rounds) and the checkpoint files. A round that is
-open when the daemon stops is abandoned and starts afresh after a restart.
+closes rounds. One lock guards the in-memory state. Everything that must survive a crash
+is on disk before a client hears "accepted": committed rounds, the open round and its
+accepted updates (`Store`), checkpoints and spooled updates (`CheckpointStore`). After a
+`kill -9` and a restart, each run resumes its open round with the same clients and task
+ids, its aggregate re-folded from the spool; clients retry what was in flight, and
+idempotency keys make a retried result count once.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import torch
 from protos import PROTOCOL_VERSION
 from protos.codec import (
     CodecError,
-    ModelAssembler,
     StreamLimits,
     check_same_specs,
     model_header,
@@ -42,11 +48,15 @@ from server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
+from server.faults import crash_point
 from server.metrics import DaemonMetrics
 from server.store import (
+    AcceptedUpdate,
     ClientRecord,
+    OpenRoundRecord,
     Participation,
     RoundRecord,
     RunRecord,
@@ -55,6 +65,7 @@ from server.store import (
     token_digest,
 )
 from server.strategy_state import STATE_PREFIX, pack, split_state, unpack
+from server.tensorfiles import LazyTensors, SpoolAssembler, sha256_of
 from strategies import ClientUpdate, RoundAggregate, Strategy, Weights
 from strategies.accounting import PrivacyLedger
 from strategies.factory import PrivacySettings, build_strategy, epsilon_over_budget
@@ -64,6 +75,7 @@ log = logging.getLogger("leptonfl.engine")
 TRAIN, EVALUATE = "train", "evaluate"
 SERVER_METRICS = frozenset({"clip_norm", "sample_rate"})  # round metrics only the server writes
 MAX_EXAMPLES = 1 << 40
+MAX_KEY = 128  # characters of an idempotency key
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,11 @@ class EngineConfig:
     max_update_bytes: int = 2 << 30
     max_metrics: int = 64
     tick_interval_s: float = 0.2
+    # A round short of min_clients at its deadline gets this fraction of its timeout once more.
+    deadline_extension: float = 0.5
+    # Uploads streamed at the same time (each holds a socket, a file and a chunk of memory);
+    # more are told to slow down (the SDK retries).
+    upload_concurrency: int = 16
 
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(max_total_bytes=self.max_update_bytes)
@@ -98,6 +115,9 @@ class RunSpecInput:
     client_config: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
     privacy: PrivacySettings = PrivacySettings()
+    # Select ceil(K × (1 + over_selection)) clients and close the round at K updates, so
+    # stragglers and dropouts do not hold it up.
+    over_selection: float = 0.0
 
 
 @dataclass
@@ -138,12 +158,35 @@ class OpenRound:
     task_ids: set[str] = field(default_factory=set)  # of both phases, so late results are recognised
     delivered: dict[str, Participation] = field(default_factory=dict)
     evaluated: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
+    keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, client) -> idempotency key
     train_seconds: float = 0.0
     sample_rate: float = 1.0  # q of Poisson sampling under central DP
+    extended: bool = False  # the deadline was extended once already
 
     def pending_clients(self) -> set[str]:
         done = self.delivered if self.phase == TRAIN else self.evaluated
         return {t.client_id for t in self.tasks.values() if t.client_id not in done}
+
+    def record(self, run_id: str) -> OpenRoundRecord:
+        """The durable form of this round (what a restarted daemon resumes from)."""
+        return OpenRoundRecord(
+            run_id=run_id,
+            number=self.number,
+            attempt=self.attempt,
+            phase=self.phase,
+            sample_rate=self.sample_rate,
+            extended=self.extended,
+            selected=list(self.selected),
+            tasks={t.task_id: t.client_id for t in self.tasks.values()},
+            evaluated={
+                c: [n, loss, acc, self.keys.get((EVALUATE, c), "")] for c, (n, loss, acc) in self.evaluated.items()
+            },
+            train_seconds=self.train_seconds,
+        )
+
+
+class _AlreadyAccepted(Exception):
+    """A retry of a result this daemon already made durable: acknowledge it again, count it once."""
 
 
 @dataclass
@@ -182,16 +225,74 @@ class RoundEngine:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set on every state change: a full quorum closes at once
         self._ticker: threading.Thread | None = None
+        self._upload_slots = threading.BoundedSemaphore(config.upload_concurrency)
         self._resume_runs()
 
     # lifecycle --------------------------------------------------------------------------
     def _resume_runs(self) -> None:
         for record in self.store.list_runs(statuses=("pending", "running")):
-            if record.committed_rounds >= record.num_rounds:
+            open_round = self.store.open_round(record.id)
+            evaluating = open_round is not None and open_round[0].phase == EVALUATE
+            if record.committed_rounds >= record.num_rounds and not evaluating:
                 self.store.set_run_status(record.id, "completed")
+                self.checkpoints.discard_updates(record.id)
                 continue
-            self._runs[record.id] = self._load_run_state(record)
-            log.info("resuming run %s after round %d of %d", record.id, record.committed_rounds, record.num_rounds)
+            state = self._runs[record.id] = self._load_run_state(record)
+            if open_round is not None:
+                self._resume_open_round(state, *open_round)
+            self.checkpoints.discard_updates(record.id, keep_round=state.open.number if state.open else None)
+            log.info(
+                "resuming run %s after round %d of %d%s",
+                record.id,
+                record.committed_rounds,
+                record.num_rounds,
+                f" (round {state.open.number} {state.open.phase} phase open, "
+                f"{len(state.open.delivered)} updates already accepted)"
+                if state.open
+                else "",
+            )
+
+    def _resume_open_round(self, state: RunState, saved: OpenRoundRecord, updates: list[AcceptedUpdate]) -> None:
+        """Rebuild a round that was open when the daemon died: same clients, same task ids,
+        the accepted updates folded again from their spool files, a fresh deadline."""
+        run, clock = state.record, time.monotonic()
+        expected = run.committed_rounds if saved.phase == EVALUATE else run.committed_rounds + 1
+        if saved.number != expected:
+            log.warning("run %s: dropping a stale open round %d (committed %d)", run.id, saved.number, expected)
+            self.store.drop_open_round(run.id)
+            return
+        open_ = OpenRound(
+            saved.number,
+            saved.attempt,
+            clock,
+            clock + run.round_timeout_s,
+            list(saved.selected),
+            state.strategy.begin_round(saved.number, state.weights),
+            phase=saved.phase,
+            train_seconds=saved.train_seconds,
+            sample_rate=saved.sample_rate,
+            extended=saved.extended,
+        )
+        if saved.phase == TRAIN:
+            for accepted in updates:
+                path = self.checkpoints.root / accepted.path
+                if not path.exists() or sha256_of(path) != accepted.sha256:
+                    log.error("run %s: spooled update of %s is missing or corrupt; dropped", run.id, accepted.client_id)
+                    continue
+                weights = LazyTensors(path)
+                open_.aggregate.add(ClientUpdate(weights, accepted.num_examples, accepted.metrics))
+                open_.delivered[accepted.client_id] = Participation(
+                    accepted.client_id, accepted.num_examples, accepted.metrics
+                )
+                open_.keys[(TRAIN, accepted.client_id)] = accepted.idempotency_key
+            config = {**run.client_config, **state.strategy.configure_round(saved.number)}
+        else:
+            for client_id, (n, loss, acc, key) in saved.evaluated.items():
+                open_.evaluated[client_id] = (int(n), float(loss), None if acc is None else float(acc))
+                open_.keys[(EVALUATE, client_id)] = str(key)
+            config = dict(run.client_config)
+        self._hand_out(state, open_, saved.phase, saved.tasks.values(), config, task_ids=list(saved.tasks))
+        state.open = open_
 
     def _load_run_state(self, record: RunRecord) -> RunState:
         """A run's in-memory state, exactly as of its last committed round."""
@@ -209,7 +310,7 @@ class RoundEngine:
         self._ticker.start()
 
     def stop(self) -> None:
-        """Stop the ticker; open rounds are abandoned (they restart after a restart)."""
+        """Stop the ticker. Open rounds stay in the database and resume after a restart."""
         self._stop.set()
         self._wake.set()
         if self._ticker:
@@ -217,8 +318,7 @@ class RoundEngine:
         with self._lock:
             for state in self._runs.values():
                 if state.open:
-                    log.info("abandoning open round %d of run %s", state.open.number, state.record.id)
-                    self._drop_open_round(state)
+                    log.info("round %d of run %s stays open for the next start", state.open.number, state.record.id)
             self._notify()
 
     def _tick_loop(self) -> None:
@@ -339,8 +439,16 @@ class RoundEngine:
     def receive_update(
         self, client_id: str, header: fleet_pb2.UploadHeader, chunks: Iterable[tensors_pb2.TensorData]
     ) -> None:
-        """Validate and fold one streamed update; any error discards the partial update."""
-        task = self._assigned_task(client_id, header.task_id, header.run_id, header.round, TRAIN)
+        """Validate one streamed update, spool it to disk and record it (durable), fold it,
+        and only then return (the client's acknowledgement). Any error discards the partial
+        update; a retry of an accepted update (same idempotency key) is acknowledged again."""
+        key = header.idempotency_key
+        _check_text("idempotency key", key, limit=MAX_KEY)
+        try:
+            task = self._assigned_task(client_id, header.task_id, header.run_id, header.round, TRAIN, key)
+        except _AlreadyAccepted:
+            log.info("run %s round %d: repeated upload of %s acknowledged", header.run_id, header.round, client_id)
+            return
         with self._lock:
             expected = self._runs[task.run_id].header
         if not 0 < header.num_examples <= MAX_EXAMPLES:
@@ -351,23 +459,87 @@ class RoundEngine:
             raise InvalidArgument(
                 f"update of {header.model.total_bytes} bytes exceeds the limit of {limits.max_total_bytes}"
             )
+        if not self._upload_slots.acquire(timeout=1.0):
+            raise ResourceExhausted(
+                f"slow down: {self.config.upload_concurrency} uploads are already streaming; retry shortly"
+            )
+        try:
+            relative = self.checkpoints.update_path(task.run_id, task.round, client_id)
+            weights = self._spool(header, expected, chunks, limits, relative)
+        finally:
+            self._upload_slots.release()
+        try:
+            self._accept(task, client_id, key, int(header.num_examples), metrics, weights, relative)
+            self.metrics.bytes_received.inc(header.model.total_bytes)
+        except BaseException:
+            weights.path.unlink(missing_ok=True)
+            raise
+
+    def _spool(
+        self,
+        header: fleet_pb2.UploadHeader,
+        expected: tensors_pb2.ModelHeader,
+        chunks: Iterable[tensors_pb2.TensorData],
+        limits: StreamLimits,
+        relative: str,
+    ) -> LazyTensors:
+        """Stream an update into a fsynced spool file (one chunk of memory, whatever its size)."""
         try:
             check_same_specs(header.model, expected)
-            assembler = ModelAssembler(header.model, limits)
-            for chunk in chunks:
-                assembler.add(chunk)
-            weights = assembler.finish()
+            assembler = SpoolAssembler(header.model, limits, self.checkpoints.root / relative)
         except CodecError as exc:
             raise InvalidArgument(str(exc)) from exc
+        try:
+            for chunk in chunks:
+                assembler.add(chunk)
+                crash_point("upload")
+            weights = assembler.finish()
+        except CodecError as exc:
+            assembler.abort()
+            raise InvalidArgument(str(exc)) from exc
+        except BaseException:
+            assembler.abort()
+            raise
         bad = non_finite_tensors(weights)
         if bad:
+            weights.path.unlink(missing_ok=True)
             raise InvalidArgument(f"update has NaN or Inf values in {', '.join(bad)}")
+        return weights
+
+    def _accept(
+        self,
+        task: Task,
+        client_id: str,
+        key: str,
+        num_examples: int,
+        metrics: dict[str, Any],
+        weights: LazyTensors,
+        relative: str,
+    ) -> None:
         with self._lock:
-            open_ = self._still_open(task, TRAIN)
-            open_.aggregate.add(ClientUpdate(weights, int(header.num_examples), metrics))
-            open_.delivered[client_id] = Participation(client_id, int(header.num_examples), metrics)
+            try:
+                open_ = self._still_open(task, TRAIN, key)
+            except _AlreadyAccepted:  # a concurrent retry won the race; this copy is not needed
+                weights.path.unlink(missing_ok=True)
+                return
+            self.store.accept_update(
+                AcceptedUpdate(
+                    task.run_id,
+                    task.round,
+                    client_id,
+                    task.task_id,
+                    key,
+                    num_examples,
+                    metrics,
+                    relative,
+                    sha256_of(weights.path),
+                )
+            )
+            crash_point("accepted")
+            open_.aggregate.add(ClientUpdate(weights, num_examples, metrics))
+            open_.delivered[client_id] = Participation(client_id, num_examples, metrics)
+            open_.keys[(TRAIN, client_id)] = key
             self.metrics.updates_accepted.inc()
-            self.metrics.bytes_received.inc(header.model.total_bytes)
             log.info(
                 "run %s round %d: update %d/%d from %s (%d examples)",
                 task.run_id,
@@ -375,28 +547,36 @@ class RoundEngine:
                 len(open_.delivered),
                 len(open_.tasks),
                 client_id,
-                header.num_examples,
+                num_examples,
             )
             self._notify()
 
     def report_evaluation(self, client_id: str, report: fleet_pb2.EvaluationReport) -> None:
-        task = self._assigned_task(client_id, report.task_id, report.run_id, report.round, EVALUATE)
+        key = report.idempotency_key
+        _check_text("idempotency key", key, limit=MAX_KEY)
+        try:
+            task = self._assigned_task(client_id, report.task_id, report.run_id, report.round, EVALUATE, key)
+        except _AlreadyAccepted:
+            return
         if not 0 < report.num_examples <= MAX_EXAMPLES or not math.isfinite(report.loss):
             raise InvalidArgument("evaluation needs num_examples > 0 and a finite loss")
         metrics = self._metrics(report.metrics)
         accuracy = metrics.get("accuracy")
         if accuracy is not None and not (isinstance(accuracy, float | int) and 0 <= accuracy <= 1):
             raise InvalidArgument(f"accuracy must be a number in [0, 1], got {accuracy!r}")
+        result = (int(report.num_examples), report.loss, None if accuracy is None else float(accuracy))
         with self._lock:
-            open_ = self._still_open(task, EVALUATE)
-            open_.evaluated[client_id] = (
-                int(report.num_examples),
-                report.loss,
-                None if accuracy is None else float(accuracy),
-            )
+            try:
+                open_ = self._still_open(task, EVALUATE, key)
+            except _AlreadyAccepted:
+                return
+            self.store.record_evaluation(task.run_id, client_id, [*result, key])
+            crash_point("evaluation")
+            open_.evaluated[client_id] = result
+            open_.keys[(EVALUATE, client_id)] = key
             self._notify()
 
-    def _assigned_task(self, client_id: str, task_id: str, run_id: str, number: int, kind: str) -> Task:
+    def _assigned_task(self, client_id: str, task_id: str, run_id: str, number: int, kind: str, key: str) -> Task:
         with self._lock:
             if self.store.get_run(run_id) is None:
                 raise NotFound(f"unknown run {run_id!r}")
@@ -408,14 +588,16 @@ class RoundEngine:
                 raise PermissionDenied(f"this client was not assigned run {run_id} round {number}")
             if task.kind != kind:
                 raise FailedPrecondition(f"task {task_id} is a {task.kind} task, not {kind}")
-            self._still_open(task, kind)
+            self._still_open(task, kind, key)
             return task
 
-    def _still_open(self, task: Task, kind: str) -> OpenRound:
+    def _still_open(self, task: Task, kind: str, key: str) -> OpenRound:
         state = self._runs.get(task.run_id)
         open_ = state.open if state else None
         if open_ is not None and open_.number == task.round:
             if task.client_id in (open_.delivered if kind == TRAIN else open_.evaluated):
+                if key and open_.keys.get((kind, task.client_id)) == key:
+                    raise _AlreadyAccepted()
                 raise AlreadyExists(f"{kind} result for run {task.run_id} round {task.round} already accepted")
             if open_.phase == kind and task.task_id in open_.tasks:
                 return open_
@@ -455,6 +637,10 @@ class RoundEngine:
             )
         if not (spec.round_timeout_s > 0 and math.isfinite(spec.round_timeout_s)):
             raise InvalidArgument("round timeout must be a positive number of seconds")
+        if not 0 <= spec.over_selection <= 10:
+            raise InvalidArgument(f"over-selection must be a fraction of K in 0..10, got {spec.over_selection}")
+        if spec.over_selection and spec.privacy.enabled:
+            raise InvalidArgument("over-selection does not apply under central DP (clients are Poisson-sampled)")
         try:
             strategy = build_strategy(spec.strategy, spec.strategy_params, spec.privacy, spec.clients_per_round)
             validate_for = getattr(strategy, "validate_for", None)
@@ -495,6 +681,7 @@ class RoundEngine:
             updated_at=stamp,
             privacy=spec.privacy.to_dict(),
             privacy_ledger=_ledger_state(ledger),
+            over_selection=spec.over_selection,
         )
         weights = dict(weights)
         json_state, state_tensors = split_state(strategy.state_dict())
@@ -558,6 +745,7 @@ class RoundEngine:
         for task_id in state.retired_task_ids if state else ():
             self._tasks.pop(task_id, None)
         self.store.set_run_status(run_id, status, reason)
+        self.checkpoints.discard_updates(run_id)
         log.info("run %s %s%s", run_id, status, f": {reason}" if reason else "")
         self._notify()
 
@@ -575,8 +763,17 @@ class RoundEngine:
             for state in list(self._runs.values()):
                 if state.open is None:
                     self._maybe_open_round(state, clock)
-                elif not state.open.pending_clients() or clock >= state.open.deadline:
+                elif self._quorum_reached(state) or clock >= state.open.deadline:
                     self._close_phase(state, clock)
+
+    def _quorum_reached(self, state: RunState) -> bool:
+        """Every selected client answered, or (training, without DP) K updates are in."""
+        open_ = state.open
+        assert open_ is not None
+        if not open_.pending_clients():
+            return True
+        quorum = state.record.clients_per_round
+        return open_.phase == TRAIN and not state.privacy.enabled and len(open_.delivered) >= quorum
 
     def online_count(self) -> int:
         clock = time.monotonic()
@@ -619,7 +816,8 @@ class RoundEngine:
             selected = [c for c in eligible if sampler.random() < sample_rate]
         else:
             rng = random.Random(f"{run.id}/{number}/{state.attempt}")
-            selected = rng.sample(eligible, min(run.clients_per_round, len(eligible)))
+            wanted = math.ceil(run.clients_per_round * (1 + run.over_selection))
+            selected = rng.sample(eligible, min(wanted, len(eligible)))
         open_ = OpenRound(
             number,
             state.attempt,
@@ -631,6 +829,7 @@ class RoundEngine:
         open_.sample_rate = sample_rate
         config = {**run.client_config, **state.strategy.configure_round(number)}
         self._hand_out(state, open_, TRAIN, selected, config)
+        self.store.save_open_round(open_.record(run.id))  # before any client can see a task
         state.open, state.waiting_since = open_, None
         log.info(
             "run %s round %d/%d: selected %d clients (attempt %d)",
@@ -657,12 +856,19 @@ class RoundEngine:
         return True
 
     def _hand_out(
-        self, state: RunState, open_: OpenRound, kind: str, clients: Iterable[str], config: Mapping[str, Any]
+        self,
+        state: RunState,
+        open_: OpenRound,
+        kind: str,
+        clients: Iterable[str],
+        config: Mapping[str, Any],
+        task_ids: list[str] | None = None,
     ) -> None:
+        """Create the phase's tasks (fresh ids, or `task_ids` when resuming a persisted round)."""
         open_.tasks = {}
-        for client_id in clients:
+        for i, client_id in enumerate(clients):
             task = Task(
-                secrets.token_hex(8),
+                task_ids[i] if task_ids else secrets.token_hex(8),
                 kind,
                 state.record.id,
                 open_.number,
@@ -684,11 +890,26 @@ class RoundEngine:
             if len(open_.delivered) >= (0 if state.privacy.enabled else run.min_clients):
                 self._commit_round(state, clock)
                 return
+            if not open_.extended and self.config.deadline_extension > 0:
+                extra = run.round_timeout_s * self.config.deadline_extension
+                open_.extended, open_.deadline = True, clock + extra
+                self.store.save_open_round(open_.record(run.id))
+                log.warning(
+                    "run %s round %d: %d of %d needed updates by the deadline; extending it once by %.1f s",
+                    run.id,
+                    open_.number,
+                    len(open_.delivered),
+                    run.min_clients,
+                    extra,
+                )
+                return
             reason = (
                 f"round {open_.number}: {len(open_.delivered)} of {len(open_.selected)} updates by the "
-                f"{run.round_timeout_s:g} s deadline, {run.min_clients} needed"
+                f"deadline ({run.round_timeout_s:g} s, extended once), {run.min_clients} needed"
             )
             self._drop_open_round(state)
+            self.store.drop_open_round(run.id)
+            self.checkpoints.discard_updates(run.id)
             self.metrics.rounds_failed.inc()
             if state.attempt >= self.config.max_round_attempts:
                 self._end_run(run.id, "failed", f"{reason}; gave up after {state.attempt} attempts")
@@ -708,7 +929,10 @@ class RoundEngine:
             self._drop_open_round(state)
             record = self.store.get_run(state.record.id)
             if record is not None:
-                self._runs[record.id] = self._load_run_state(record)
+                state = self._runs[record.id] = self._load_run_state(record)
+                saved = self.store.open_round(record.id)
+                if saved is not None:  # the round and its accepted updates are still durable: retry it
+                    self._resume_open_round(state, *saved)
             self._notify()
 
     def _commit_round_unsafe(self, state: RunState, clock: float) -> None:
@@ -716,6 +940,7 @@ class RoundEngine:
         assert open_ is not None
         aggregation_started = time.perf_counter()
         clip_norm = getattr(state.strategy, "clip_norm", None)  # central DP: the norm this round used
+        crash_point("aggregate")
         weights = state.strategy.finish_round(open_.number, state.weights, open_.aggregate)
         metrics: dict[str, Any] = dict(open_.aggregate.metrics())
         if "epsilon" in metrics:  # clients' own (local DP) epsilons; "epsilon" is the run's central one
@@ -742,7 +967,22 @@ class RoundEngine:
             duration_s=clock - open_.started,
             metrics=metrics,
         )
-        self.store.commit_round(round_, checkpoint, list(open_.delivered.values()), json_state, ledger_state)
+        crash_point("checkpoint")
+        evaluation = replace(
+            open_.record(run.id),
+            phase=EVALUATE,
+            tasks={},
+            evaluated={},
+            train_seconds=clock - open_.started,
+        )
+        eval_clients = sorted(open_.delivered)
+        eval_ids = [secrets.token_hex(8) for _ in eval_clients]
+        evaluation = replace(evaluation, tasks=dict(zip(eval_ids, eval_clients, strict=True)))
+        self.store.commit_round(
+            round_, checkpoint, list(open_.delivered.values()), json_state, ledger_state, evaluation
+        )
+        crash_point("committed")
+        self.checkpoints.discard_updates(run.id)
         state.record = replace(run, committed_rounds=open_.number, strategy_state=json_state)
         if ledger_state is not None:
             state.record = replace(state.record, privacy_ledger=ledger_state)
@@ -762,7 +1002,7 @@ class RoundEngine:
         )
         open_.phase, open_.train_seconds = EVALUATE, clock - open_.started
         open_.deadline = clock + run.round_timeout_s
-        self._hand_out(state, open_, EVALUATE, open_.delivered, run.client_config)
+        self._hand_out(state, open_, EVALUATE, eval_clients, run.client_config, task_ids=eval_ids)
         self._notify()
 
     def _finish_evaluation(self, state: RunState) -> None:
@@ -776,6 +1016,7 @@ class RoundEngine:
         acc_examples = sum(n for n, _ in with_acc)
         accuracy = sum(a * (n / acc_examples) for n, a in with_acc) if acc_examples else None
         self.store.set_round_evaluation(run.id, open_.number, loss, accuracy, len(results))
+        crash_point("evaluated")
         log.info(
             "run %s round %d evaluated by %d clients: loss %s, accuracy %s",
             run.id,

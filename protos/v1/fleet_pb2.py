@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import tensors_pb2 as protos_dot_v1_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/fleet.proto\x12\x0bleptonfl.v1\x1a\x17protos/v1/tensors.proto\"t\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\r\n\x05token\x18\x06 \x01(\t\"p\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1f\n\x17server_protocol_version\x18\x03 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\x12\n\x10HeartbeatRequest\"\x13\n\x11HeartbeatResponse\"\x10\n\x0eGetTaskRequest\"l\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xfd\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.leptonfl.v1.TaskType\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x13\n\x0bmodel_round\x18\x05 \x01(\r\x12-\n\x06\x63onfig\x18\x06 \x03(\x0b\x32\x1d.leptonfl.v1.Task.ConfigEntry\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\x1a\x42\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"F\n\x04Idle\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x63tive_runs\x18\x02 \x01(\r\x12\x11\n\trun_ended\x18\x03 \x01(\x08\"a\n\x0fGetTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x11.leptonfl.v1.TaskH\x00\x12!\n\x04idle\x18\x02 \x01(\x0b\x32\x11.leptonfl.v1.IdleH\x00\x42\x08\n\x06\x61nswer\"<\n\x14\x44ownloadModelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"\xfb\x01\n\x0cUploadHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.leptonfl.v1.UploadHeader.MetricsEntry\x12\'\n\x05model\x18\x06 \x01(\x0b\x32\x18.leptonfl.v1.ModelHeader\x1a\x43\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"k\n\x0bUploadChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.leptonfl.v1.UploadHeaderH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.leptonfl.v1.TensorDataH\x00\x42\x06\n\x04kind\"\"\n\x0eUploadResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\xe8\x01\n\x10\x45valuationReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12;\n\x07metrics\x18\x06 \x03(\x0b\x32*.leptonfl.v1.EvaluationReport.MetricsEntry\x1a\x43\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"&\n\x12\x45valuationResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*>\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x32\xc2\x03\n\x05\x46leet\x12;\n\x04Join\x12\x18.leptonfl.v1.JoinRequest\x1a\x19.leptonfl.v1.JoinResponse\x12J\n\tHeartbeat\x12\x1d.leptonfl.v1.HeartbeatRequest\x1a\x1e.leptonfl.v1.HeartbeatResponse\x12\x44\n\x07GetTask\x12\x1b.leptonfl.v1.GetTaskRequest\x1a\x1c.leptonfl.v1.GetTaskResponse\x12M\n\rDownloadModel\x12!.leptonfl.v1.DownloadModelRequest\x1a\x17.leptonfl.v1.ModelChunk0\x01\x12G\n\x0cUploadUpdate\x12\x18.leptonfl.v1.UploadChunk\x1a\x1b.leptonfl.v1.UploadResponse(\x01\x12R\n\x10ReportEvaluation\x12\x1d.leptonfl.v1.EvaluationReport\x1a\x1f.leptonfl.v1.EvaluationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/fleet.proto\x12\x0bleptonfl.v1\x1a\x17protos/v1/tensors.proto\"t\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\r\n\x05token\x18\x06 \x01(\t\"p\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1f\n\x17server_protocol_version\x18\x03 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\r\"\x12\n\x10HeartbeatRequest\"\x13\n\x11HeartbeatResponse\"\x10\n\x0eGetTaskRequest\"l\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xfd\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.leptonfl.v1.TaskType\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x13\n\x0bmodel_round\x18\x05 \x01(\r\x12-\n\x06\x63onfig\x18\x06 \x03(\x0b\x32\x1d.leptonfl.v1.Task.ConfigEntry\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\x1a\x42\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"F\n\x04Idle\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x63tive_runs\x18\x02 \x01(\r\x12\x11\n\trun_ended\x18\x03 \x01(\x08\"a\n\x0fGetTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x11.leptonfl.v1.TaskH\x00\x12!\n\x04idle\x18\x02 \x01(\x0b\x32\x11.leptonfl.v1.IdleH\x00\x42\x08\n\x06\x61nswer\"<\n\x14\x44ownloadModelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"\x94\x02\n\x0cUploadHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.leptonfl.v1.UploadHeader.MetricsEntry\x12\'\n\x05model\x18\x06 \x01(\x0b\x32\x18.leptonfl.v1.ModelHeader\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a\x43\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"k\n\x0bUploadChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.leptonfl.v1.UploadHeaderH\x00\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.leptonfl.v1.TensorDataH\x00\x42\x06\n\x04kind\"\"\n\x0eUploadResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x81\x02\n\x10\x45valuationReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12;\n\x07metrics\x18\x06 \x03(\x0b\x32*.leptonfl.v1.EvaluationReport.MetricsEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a\x43\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"&\n\x12\x45valuationResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*>\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x32\xc2\x03\n\x05\x46leet\x12;\n\x04Join\x12\x18.leptonfl.v1.JoinRequest\x1a\x19.leptonfl.v1.JoinResponse\x12J\n\tHeartbeat\x12\x1d.leptonfl.v1.HeartbeatRequest\x1a\x1e.leptonfl.v1.HeartbeatResponse\x12\x44\n\x07GetTask\x12\x1b.leptonfl.v1.GetTaskRequest\x1a\x1c.leptonfl.v1.GetTaskResponse\x12M\n\rDownloadModel\x12!.leptonfl.v1.DownloadModelRequest\x1a\x17.leptonfl.v1.ModelChunk0\x01\x12G\n\x0cUploadUpdate\x12\x18.leptonfl.v1.UploadChunk\x1a\x1b.leptonfl.v1.UploadResponse(\x01\x12R\n\x10ReportEvaluation\x12\x1d.leptonfl.v1.EvaluationReport\x1a\x1f.leptonfl.v1.EvaluationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATIONREPORT_METRICSENTRY']._loaded_options = None
   _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKTYPE']._serialized_start=1627
-  _globals['_TASKTYPE']._serialized_end=1689
+  _globals['_TASKTYPE']._serialized_start=1677
+  _globals['_TASKTYPE']._serialized_end=1739
   _globals['_JOINREQUEST']._serialized_start=63
   _globals['_JOINREQUEST']._serialized_end=179
   _globals['_JOINRESPONSE']._serialized_start=181
@@ -63,19 +63,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADMODELREQUEST']._serialized_start=891
   _globals['_DOWNLOADMODELREQUEST']._serialized_end=951
   _globals['_UPLOADHEADER']._serialized_start=954
-  _globals['_UPLOADHEADER']._serialized_end=1205
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=1138
-  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=1205
-  _globals['_UPLOADCHUNK']._serialized_start=1207
-  _globals['_UPLOADCHUNK']._serialized_end=1314
-  _globals['_UPLOADRESPONSE']._serialized_start=1316
-  _globals['_UPLOADRESPONSE']._serialized_end=1350
-  _globals['_EVALUATIONREPORT']._serialized_start=1353
-  _globals['_EVALUATIONREPORT']._serialized_end=1585
-  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_start=1138
-  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_end=1205
-  _globals['_EVALUATIONRESPONSE']._serialized_start=1587
-  _globals['_EVALUATIONRESPONSE']._serialized_end=1625
-  _globals['_FLEET']._serialized_start=1692
-  _globals['_FLEET']._serialized_end=2142
+  _globals['_UPLOADHEADER']._serialized_end=1230
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_start=1163
+  _globals['_UPLOADHEADER_METRICSENTRY']._serialized_end=1230
+  _globals['_UPLOADCHUNK']._serialized_start=1232
+  _globals['_UPLOADCHUNK']._serialized_end=1339
+  _globals['_UPLOADRESPONSE']._serialized_start=1341
+  _globals['_UPLOADRESPONSE']._serialized_end=1375
+  _globals['_EVALUATIONREPORT']._serialized_start=1378
+  _globals['_EVALUATIONREPORT']._serialized_end=1635
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_start=1163
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_end=1230
+  _globals['_EVALUATIONRESPONSE']._serialized_start=1637
+  _globals['_EVALUATIONRESPONSE']._serialized_end=1675
+  _globals['_FLEET']._serialized_start=1742
+  _globals['_FLEET']._serialized_end=2192
 # @@protoc_insertion_point(module_scope)

@@ -353,10 +353,16 @@ class UploadHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     run_id: _builtins.str
     round: _builtins.int
     num_examples: _builtins.int
+    idempotency_key: _builtins.str
+    """Chosen by the client once per result and re-sent unchanged on every retry: the server
+    acknowledges a repeat of an accepted result (e.g. after its restart lost the first
+    acknowledgement) instead of rejecting it, and never counts it twice. At most 128 characters.
+    """
     @_builtins.property
     def metrics(self) -> _containers.MessageMap[_builtins.str, Global___Scalar]: ...
     @_builtins.property
@@ -370,10 +376,11 @@ class UploadHeader(_message.Message):
         num_examples: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, Global___Scalar] | None = ...,
         model: _tensors_pb2.ModelHeader | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "model", b"model", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "metrics", b"metrics", "model", b"model", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -455,11 +462,14 @@ class EvaluationReport(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     run_id: _builtins.str
     round: _builtins.int
     num_examples: _builtins.int
     loss: _builtins.float
+    idempotency_key: _builtins.str
+    """As in UploadHeader."""
     @_builtins.property
     def metrics(self) -> _containers.MessageMap[_builtins.str, Global___Scalar]: ...
     def __init__(
@@ -471,10 +481,11 @@ class EvaluationReport(_message.Message):
         num_examples: _builtins.int = ...,
         loss: _builtins.float = ...,
         metrics: _abc.Mapping[_builtins.str, Global___Scalar] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "metrics", b"metrics", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "loss", b"loss", "metrics", b"metrics", "num_examples", b"num_examples", "round", b"round", "run_id", b"run_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

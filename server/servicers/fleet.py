@@ -15,6 +15,7 @@ from protos.v1 import fleet_pb2_grpc, tensors_pb2
 from server.auth import Authorizer, RateLimiter
 from server.engine import EVALUATE, Idle, RoundEngine
 from server.errors import InvalidArgument
+from server.faults import crash_point
 from server.provisioning import ROLE_CLIENT
 from server.servicers.status import streaming, unary
 
@@ -105,6 +106,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         for chunk in iter_model_chunks(weights, chunk_size(request.chunk_bytes, self.chunk_bytes)):
             self.metrics.bytes_sent.inc(len(chunk.data.data))  # 0 for the header
             yield chunk
+            crash_point("download")
 
     @unary
     def UploadUpdate(

@@ -3,8 +3,10 @@
 from server.store.db import SchemaError, migrate
 from server.store.store import (
     ACTIVE_STATUSES,
+    AcceptedUpdate,
     CheckpointRecord,
     ClientRecord,
+    OpenRoundRecord,
     Participation,
     RoundRecord,
     RunRecord,
@@ -15,8 +17,10 @@ from server.store.store import (
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "AcceptedUpdate",
     "CheckpointRecord",
     "ClientRecord",
+    "OpenRoundRecord",
     "Participation",
     "RoundRecord",
     "RunRecord",

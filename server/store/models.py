@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -35,6 +35,7 @@ class RunRow(Base):
     updated_at: Mapped[datetime]
     privacy: Mapped[dict[str, Any]] = mapped_column(default=dict)
     privacy_ledger: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    over_selection: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class RoundRow(Base):
@@ -45,7 +46,7 @@ class RoundRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     num_clients: Mapped[int] = mapped_column(Integer)
-    num_examples: Mapped[int] = mapped_column(Integer)
+    num_examples: Mapped[int] = mapped_column(BigInteger)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -85,5 +86,43 @@ class ParticipationRow(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    num_examples: Mapped[int] = mapped_column(Integer)
+    num_examples: Mapped[int] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any]]
+
+
+class OpenRoundRow(Base):
+    """The round a run has open, so a restarted daemon resumes it with the same clients and
+    tasks. Replaced when the round moves to its evaluation phase (in the commit transaction)
+    and deleted when the round is finished, fails, or its run ends."""
+
+    __tablename__ = "open_rounds"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))
+    sample_rate: Mapped[float] = mapped_column(Float)
+    extended: Mapped[bool] = mapped_column(Boolean)
+    selected: Mapped[list[str]] = mapped_column(JSON)
+    tasks: Mapped[dict[str, Any]]  # task id -> client id, of the current phase
+    evaluated: Mapped[dict[str, Any]]  # client id -> [examples, loss, accuracy, idempotency key]
+    train_seconds: Mapped[float] = mapped_column(Float)
+    opened_at: Mapped[datetime]
+
+
+class AcceptedUpdateRow(Base):
+    """An update of the open round, durable (file fsynced, row committed) before the client
+    hears "accepted"; folded again from its file after a restart. Deleted with its round."""
+
+    __tablename__ = "accepted_updates"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    num_examples: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]]
+    path: Mapped[str] = mapped_column(String(1000))
+    sha256: Mapped[str] = mapped_column(String(64))
+    accepted_at: Mapped[datetime]

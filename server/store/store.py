@@ -13,11 +13,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.store.db import ensure_schema, open_engine
-from server.store.models import CheckpointRow, ClientRow, ParticipationRow, RoundRow, RunRow
+from server.store.models import (
+    AcceptedUpdateRow,
+    CheckpointRow,
+    ClientRow,
+    OpenRoundRow,
+    ParticipationRow,
+    RoundRow,
+    RunRow,
+)
 
 ACTIVE_STATUSES = ("pending", "running")
 
@@ -50,6 +58,7 @@ class RunRecord:
     updated_at: datetime
     privacy: dict[str, Any] = field(default_factory=dict)
     privacy_ledger: dict[str, Any] = field(default_factory=dict)
+    over_selection: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -93,6 +102,35 @@ class Participation:
     client_id: str
     num_examples: int
     metrics: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class OpenRoundRecord:
+    """What a restarted daemon needs to resume a run's open round (see `OpenRoundRow`)."""
+
+    run_id: str
+    number: int
+    attempt: int
+    phase: str
+    sample_rate: float
+    extended: bool
+    selected: list[str]
+    tasks: dict[str, str]
+    evaluated: dict[str, list[Any]]
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    run_id: str
+    round: int
+    client_id: str
+    task_id: str
+    idempotency_key: str
+    num_examples: int
+    metrics: Mapping[str, Any]
+    path: str
+    sha256: str
 
 
 def _run_record(row: RunRow) -> RunRecord:
@@ -149,7 +187,10 @@ class Store:
             return [_run_record(r) for r in s.scalars(query)]
 
     def set_run_status(self, run_id: str, status: str, reason: str = "") -> None:
+        """A run that ends (any status but pending/running) loses its open round with it."""
         with self._session() as s, s.begin():
+            if status not in ACTIVE_STATUSES:
+                _drop_open_round(s, run_id)
             s.execute(
                 update(RunRow).where(RunRow.id == run_id).values(status=status, status_reason=reason, updated_at=now())
             )
@@ -162,9 +203,15 @@ class Store:
         participations: Sequence[Participation],
         strategy_state: dict[str, Any],
         privacy_ledger: dict[str, Any] | None = None,
+        evaluation: OpenRoundRecord | None = None,
     ) -> None:
-        """Atomically record a finished round; only committed rounds count."""
+        """Atomically record a finished round; only committed rounds count. The round's
+        accepted updates go, and its open-round row becomes `evaluation` (its evaluation
+        phase) or goes too — in the same transaction."""
         with self._session() as s, s.begin():
+            _drop_open_round(s, round_.run_id)
+            if evaluation is not None:
+                s.add(_open_round_row(evaluation))
             s.add(RoundRow(**vars(round_), committed_at=now()))
             s.add(CheckpointRow(**vars(checkpoint), created_at=now()))
             for p in participations:
@@ -187,7 +234,9 @@ class Store:
     def set_round_evaluation(
         self, run_id: str, number: int, loss: float | None, accuracy: float | None, clients: int
     ) -> None:
+        """Record a round's federated evaluation; that closes the round (its open-round row goes)."""
         with self._session() as s, s.begin():
+            _drop_open_round(s, run_id)
             s.execute(
                 update(RoundRow)
                 .where(RoundRow.run_id == run_id, RoundRow.number == number)
@@ -231,6 +280,75 @@ class Store:
                 return None
             return CheckpointRecord(row.run_id, row.round, row.path, row.sha256, row.size_bytes)
 
+    # open rounds ----------------------------------------------------------------------
+    def save_open_round(self, record: OpenRoundRecord) -> None:
+        """Persist a newly opened round (or a new attempt, or its extended deadline)."""
+        with self._session() as s, s.begin():
+            existing = s.get(OpenRoundRow, record.run_id)
+            if existing is not None and (existing.number, existing.attempt) != (record.number, record.attempt):
+                _drop_open_round(s, record.run_id)
+                s.flush()
+                existing = None
+            if existing is None:
+                s.add(_open_round_row(record))
+            else:
+                s.merge(_open_round_row(record))
+
+    def open_round(self, run_id: str) -> tuple[OpenRoundRecord, list[AcceptedUpdate]] | None:
+        """A run's open round and its accepted updates (in client id order), if one is open."""
+        with self._session() as s:
+            row = s.get(OpenRoundRow, run_id)
+            if row is None:
+                return None
+            record = OpenRoundRecord(
+                row.run_id,
+                row.number,
+                row.attempt,
+                row.phase,
+                row.sample_rate,
+                row.extended,
+                list(row.selected),
+                dict(row.tasks),
+                dict(row.evaluated),
+                row.train_seconds,
+            )
+            query = (
+                select(AcceptedUpdateRow)
+                .where(AcceptedUpdateRow.run_id == run_id, AcceptedUpdateRow.round == row.number)
+                .order_by(AcceptedUpdateRow.client_id)
+            )
+            updates = [
+                AcceptedUpdate(
+                    u.run_id,
+                    u.round,
+                    u.client_id,
+                    u.task_id,
+                    u.idempotency_key,
+                    u.num_examples,
+                    dict(u.metrics),
+                    u.path,
+                    u.sha256,
+                )
+                for u in s.scalars(query)
+            ]
+            return record, updates
+
+    def accept_update(self, update_: AcceptedUpdate) -> None:
+        """Make an update durable; it counts from here on, whatever happens to the daemon."""
+        with self._session() as s, s.begin():
+            s.add(AcceptedUpdateRow(**vars(update_) | {"metrics": dict(update_.metrics)}, accepted_at=now()))
+
+    def record_evaluation(self, run_id: str, client_id: str, entry: list[Any]) -> None:
+        """Add one client's evaluation to the open round (the caller serialises these calls)."""
+        with self._session() as s, s.begin():
+            row = s.get(OpenRoundRow, run_id)
+            if row is not None:
+                row.evaluated = {**row.evaluated, client_id: entry}
+
+    def drop_open_round(self, run_id: str) -> None:
+        with self._session() as s, s.begin():
+            _drop_open_round(s, run_id)
+
     # clients --------------------------------------------------------------------------
     def save_client(self, client: ClientRecord) -> None:
         with self._session() as s, s.begin():
@@ -242,3 +360,12 @@ class Store:
             if row is None:
                 return None
             return ClientRecord(row.id, row.name, row.app, row.run_filter, row.token_sha256)
+
+
+def _drop_open_round(s: Session, run_id: str) -> None:
+    s.execute(delete(AcceptedUpdateRow).where(AcceptedUpdateRow.run_id == run_id))
+    s.execute(delete(OpenRoundRow).where(OpenRoundRow.run_id == run_id))
+
+
+def _open_round_row(record: OpenRoundRecord) -> OpenRoundRow:
+    return OpenRoundRow(**vars(record), opened_at=now())

@@ -1,0 +1,172 @@
+"""Safetensors files written as streams, read one tensor at a time.
+
+`safetensors.torch.save` builds the whole file in memory and `load` reads it whole: for a
+model of several GiB that is one or two extra model-sized buffers in the daemon. These
+helpers write the same format (an 8-byte little-endian header length, a JSON header with
+dtype, shape and byte offsets, then the raw little-endian bytes in order) tensor by tensor
+— or chunk by chunk, straight from an upload stream — hashing as they go, and read tensors
+lazily through `safetensors.safe_open`. Files are written under a temporary name, fsynced
+and renamed, so a crash never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from protos.codec import WIRE_TO_TORCH, CodecError, ModelAssembler, StreamLimits, raw_bytes
+from protos.v1 import tensors_pb2 as pb
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _header(entries: list[tuple[str, torch.dtype, list[int]]], metadata: Mapping[str, str]) -> bytes:
+    """The length-prefixed JSON header for tensors stored back to back in `entries` order."""
+    table: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        table[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(table, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+class _HashingFile:
+    """A file opened for writing that also keeps the sha256 and size of what was written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
+    def finish(self) -> tuple[str, int]:
+        """fsync, rename into place (atomically), fsync the directory; (sha256, size)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return self.sha.hexdigest(), self.size
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX needs the directory itself synced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, int]:
+    """Write `tensors` as a safetensors file without a file-sized buffer; (sha256, size)."""
+    out = _HashingFile(path)
+    try:
+        out.write(_header([(n, t.dtype, list(t.shape)) for n, t in tensors.items()], metadata))
+        for tensor in tensors.values():
+            out.write(raw_bytes(tensor))  # a view of the tensor's memory when it is contiguous
+        return out.finish()
+    except BaseException:
+        out.abort()
+        raise
+
+
+def sha256_of(path: Path, block: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A safetensors file as a read-only mapping that loads each tensor only when asked.
+
+    Folding an update through it (`for name, t in lazy.items()`) holds one tensor at a time,
+    so the daemon's memory for an update is its largest tensor, not the whole model.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self._names = list(f.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class SpoolAssembler(ModelAssembler):
+    """Validates an upload stream exactly like `ModelAssembler` but writes the bytes to a
+    safetensors file as they arrive, so an update of any size costs the daemon one chunk of
+    memory; `finish()` makes the file durable and returns its lazy view."""
+
+    def __init__(self, header: pb.ModelHeader, limits: StreamLimits, path: Path) -> None:
+        super().__init__(header, limits)  # validates the header before anything touches the disk
+        self._out = _HashingFile(path)
+        self.sha256 = ""
+        try:
+            entries = [(s.name, WIRE_TO_TORCH[s.dtype], list(s.shape)) for s in header.tensors]
+            if len({name for name, _, _ in entries}) != len(entries):
+                raise CodecError("tensor names repeat")
+            self._out.write(_header(entries, {}))
+        except BaseException:
+            self._out.abort()
+            raise
+
+    def _store(self, data: bytes) -> None:
+        self._out.write(data)
+
+    def finish(self) -> LazyTensors:  # type: ignore[override]
+        if not self.complete:
+            raise CodecError(f"stream ended early: {self.received_bytes} of {self.total_bytes} bytes received")
+        self.sha256, _ = self._out.finish()
+        return LazyTensors(self._out.path)
+
+    def abort(self) -> None:
+        """Drop the partial file (a stream that failed validation or broke off)."""
+        if not self._out.file.closed:
+            self._out.abort()
