@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--chunk-bytes", type=int, help="model stream chunk size (default 1 MiB)")
     start.add_argument("--max-update-bytes", type=int, help="largest accepted update (default 2 GiB)")
     start.add_argument(
+        "--upload-concurrency", type=int, help="uploads streamed at once; more are told to retry (default 16)"
+    )
+    start.add_argument(
+        "--max-round-attempts", type=int, help="tries of a round short of its quorum before the run fails (default 3)"
+    )
+    start.add_argument(
+        "--deadline-extension",
+        type=float,
+        help="fraction of the round timeout granted once to a round short of min clients (default 0.5)",
+    )
+    start.add_argument(
         "--heartbeat-interval",
         dest="heartbeat_interval_s",
         type=float,
@@ -144,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "smallest online population a round samples from (q = K / population), which may exceed K",
     )
     create.add_argument("--round-timeout", type=float, default=300.0, help="seconds per round phase (default 300)")
+    create.add_argument(
+        "--over-selection",
+        type=float,
+        default=0.0,
+        help="select K x (1 + this) clients and close each round at K updates (default 0; e.g. 0.3)",
+    )
     create.add_argument(
         "--set",
         dest="settings",

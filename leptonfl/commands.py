@@ -128,6 +128,9 @@ def server(args: argparse.Namespace) -> int:
             "max_workers",
             "chunk_bytes",
             "max_update_bytes",
+            "upload_concurrency",
+            "max_round_attempts",
+            "deadline_extension",
             "heartbeat_interval_s",
             "liveness_timeout_s",
             "selection_grace_s",
@@ -229,6 +232,7 @@ def _create(control: ControlClient, args: argparse.Namespace) -> int:
         client_config=client_config,
         name=args.name,
         privacy=privacy_from_args(args),
+        over_selection=args.over_selection,
     )
     print(f"created run {run.run_id} ({app.name}, {args.strategy}, {args.rounds} rounds)", file=sys.stderr)
     print(run.run_id)
@@ -250,6 +254,7 @@ def _run_dict(run: control_pb2.Run) -> dict[str, Any]:
         "num_rounds": run.spec.num_rounds,
         "clients_per_round": run.spec.clients_per_round,
         "min_clients": run.spec.min_clients,
+        "over_selection": run.spec.over_selection,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
         "strategy_params": scalar_map_to_dict(run.spec.strategy_params),

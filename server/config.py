@@ -32,7 +32,9 @@ class ServerConfig:
     heartbeat_interval_s: float = 5.0
     liveness_timeout_s: float = 30.0
     selection_grace_s: float = 3.0
-    max_round_attempts: int = 3
+    max_round_attempts: int = 3  # a round short of its quorum is retried with fresh clients, then the run fails
+    deadline_extension: float = 0.5  # fraction of the round timeout granted once to a round short of its quorum
+    upload_concurrency: int = 16  # uploads streamed at once; more are told to slow down (the SDK retries)
     shutdown_grace_s: float = 5.0
     log_level: str = "INFO"
     # TLS: `tls_dir` (from `leptonfl certs init`) supplies server.pem, server.key, ca.pem and

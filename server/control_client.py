@@ -75,6 +75,7 @@ class ControlClient:
         name: str = "",
         privacy: PrivacySettings | None = None,
         chunk_bytes: int = 1 << 20,
+        over_selection: float = 0.0,
     ) -> pb.Run:
         spec = pb.RunSpec(
             app=app,
@@ -85,6 +86,7 @@ class ControlClient:
             round_timeout_seconds=round_timeout_s,
             name=name,
             privacy=pb.PrivacySpec(**(privacy or PrivacySettings()).to_dict()),
+            over_selection=over_selection,
         )
         fill_scalar_map(spec.strategy_params, strategy_params or {})
         fill_scalar_map(spec.client_config, client_config or {})

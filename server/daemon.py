@@ -51,6 +51,8 @@ class Daemon:
             selection_grace_s=config.selection_grace_s,
             max_round_attempts=config.max_round_attempts,
             max_update_bytes=config.max_update_bytes,
+            deadline_extension=config.deadline_extension,
+            upload_concurrency=config.upload_concurrency,
         )
         self.metrics = DaemonMetrics()
         self.engine = RoundEngine(self.store, CheckpointStore(config.data_dir), engine_config, self.metrics)

@@ -26,7 +26,7 @@ from protos.v1 import tensors_pb2 as protos_dot_v1_dot_tensors__pb2
 from protos.v1 import fleet_pb2 as protos_dot_v1_dot_fleet__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/v1/control.proto\x12\x0bleptonfl.v1\x1a\x17protos/v1/tensors.proto\x1a\x15protos/v1/fleet.proto\"\xdc\x03\n\x07RunSpec\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x41\n\x0fstrategy_params\x18\x03 \x03(\x0b\x32(.leptonfl.v1.RunSpec.StrategyParamsEntry\x12\x12\n\nnum_rounds\x18\x04 \x01(\r\x12\x19\n\x11\x63lients_per_round\x18\x05 \x01(\r\x12\x13\n\x0bmin_clients\x18\x06 \x01(\r\x12\x1d\n\x15round_timeout_seconds\x18\x07 \x01(\x01\x12=\n\rclient_config\x18\x08 \x03(\x0b\x32&.leptonfl.v1.RunSpec.ClientConfigEntry\x12\x0c\n\x04name\x18\t \x01(\t\x12)\n\x07privacy\x18\n \x01(\x0b\x32\x18.leptonfl.v1.PrivacySpec\x1aJ\n\x13StrategyParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\x1aH\n\x11\x43lientConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"\x81\x02\n\x0bPrivacySpec\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\x12\x19\n\x11\x61\x64\x61ptive_clipping\x18\x04 \x01(\x08\x12\x17\n\x0ftarget_quantile\x18\x05 \x01(\x01\x12\x0f\n\x07\x63lip_lr\x18\x06 \x01(\x01\x12\x19\n\x11initial_clip_norm\x18\x07 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x08 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\t \x01(\x01\x12\x12\n\naccountant\x18\n \x01(\t\x12\x1c\n\x14\x63lipped_count_stddev\x18\x0b \x01(\x01\"\x99\x01\n\x0e\x43reateRunChunk\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x14.leptonfl.v1.RunSpecH\x00\x12\x30\n\x0cmodel_header\x18\x02 \x01(\x0b\x32\x18.leptonfl.v1.ModelHeaderH\x00\x12\'\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.leptonfl.v1.TensorDataH\x00\x42\x06\n\x04kind\"\x80\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.leptonfl.v1.RunSpec\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.leptonfl.v1.RunStatus\x12\x15\n\rstatus_reason\x18\x04 \x01(\t\x12\x18\n\x10\x63ommitted_rounds\x18\x05 \x01(\r\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x12\n\nupdated_at\x18\x07 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x08 \x01(\x01\x12\x18\n\x10local_dp_clients\x18\t \x01(\r\x12\x19\n\x11max_local_epsilon\x18\n \x01(\x01\"\xf3\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0bnum_clients\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x15\n\reval_accuracy\x18\x06 \x01(\x01\x12\x14\n\x0c\x65val_clients\x18\x07 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x08 \x01(\x01\x12\x19\n\x11\x63heckpoint_sha256\x18\t \x01(\t\x12\x37\n\x07metrics\x18\n \x03(\x0b\x32&.leptonfl.v1.RoundSummary.MetricsEntry\x12\x0f\n\x07\x65psilon\x18\x0b \x01(\x01\x12\x11\n\tclip_norm\x18\x0c \x01(\x01\x1a\x43\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"U\n\tRunDetail\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.leptonfl.v1.Run\x12)\n\x06rounds\x18\x02 \x03(\x0b\x32\x19.leptonfl.v1.RoundSummary\"\x11\n\x0fListRunsRequest\"2\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.leptonfl.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xa0\x01\n\x08RunEvent\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.leptonfl.v1.Run\x12(\n\x05round\x18\x02 \x01(\x0b\x32\x19.leptonfl.v1.RoundSummary\x12\x12\n\nopen_round\x18\x03 \x01(\r\x12\x1a\n\x12open_round_updates\x18\x04 \x01(\r\x12\x1b\n\x13open_round_selected\x18\x05 \x01(\r\"^\n\x19\x44ownloadCheckpointRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\x05round\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\rB\x08\n\x06_round*\x81\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x14\n\x10\x42UDGET_EXHAUSTED\x10\x06\x32\xa8\x03\n\x07\x43ontrol\x12<\n\tCreateRun\x12\x1b.leptonfl.v1.CreateRunChunk\x1a\x10.leptonfl.v1.Run(\x01\x12G\n\x08ListRuns\x12\x1c.leptonfl.v1.ListRunsRequest\x1a\x1d.leptonfl.v1.ListRunsResponse\x12<\n\x06GetRun\x12\x1a.leptonfl.v1.GetRunRequest\x1a\x16.leptonfl.v1.RunDetail\x12<\n\tCancelRun\x12\x1d.leptonfl.v1.CancelRunRequest\x1a\x10.leptonfl.v1.Run\x12\x41\n\x08WatchRun\x12\x1c.leptonfl.v1.WatchRunRequest\x1a\x15.leptonfl.v1.RunEvent0\x01\x12W\n\x12\x44ownloadCheckpoint\x12&.leptonfl.v1.DownloadCheckpointRequest\x1a\x17.leptonfl.v1.ModelChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/v1/control.proto\x12\x0bleptonfl.v1\x1a\x17protos/v1/tensors.proto\x1a\x15protos/v1/fleet.proto\"\xf4\x03\n\x07RunSpec\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x41\n\x0fstrategy_params\x18\x03 \x03(\x0b\x32(.leptonfl.v1.RunSpec.StrategyParamsEntry\x12\x12\n\nnum_rounds\x18\x04 \x01(\r\x12\x19\n\x11\x63lients_per_round\x18\x05 \x01(\r\x12\x13\n\x0bmin_clients\x18\x06 \x01(\r\x12\x1d\n\x15round_timeout_seconds\x18\x07 \x01(\x01\x12=\n\rclient_config\x18\x08 \x03(\x0b\x32&.leptonfl.v1.RunSpec.ClientConfigEntry\x12\x0c\n\x04name\x18\t \x01(\t\x12)\n\x07privacy\x18\n \x01(\x0b\x32\x18.leptonfl.v1.PrivacySpec\x12\x16\n\x0eover_selection\x18\x0b \x01(\x01\x1aJ\n\x13StrategyParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\x1aH\n\x11\x43lientConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"\x81\x02\n\x0bPrivacySpec\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\x12\x19\n\x11\x61\x64\x61ptive_clipping\x18\x04 \x01(\x08\x12\x17\n\x0ftarget_quantile\x18\x05 \x01(\x01\x12\x0f\n\x07\x63lip_lr\x18\x06 \x01(\x01\x12\x19\n\x11initial_clip_norm\x18\x07 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x08 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\t \x01(\x01\x12\x12\n\naccountant\x18\n \x01(\t\x12\x1c\n\x14\x63lipped_count_stddev\x18\x0b \x01(\x01\"\x99\x01\n\x0e\x43reateRunChunk\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x14.leptonfl.v1.RunSpecH\x00\x12\x30\n\x0cmodel_header\x18\x02 \x01(\x0b\x32\x18.leptonfl.v1.ModelHeaderH\x00\x12\'\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.leptonfl.v1.TensorDataH\x00\x42\x06\n\x04kind\"\x80\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.leptonfl.v1.RunSpec\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.leptonfl.v1.RunStatus\x12\x15\n\rstatus_reason\x18\x04 \x01(\t\x12\x18\n\x10\x63ommitted_rounds\x18\x05 \x01(\r\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x12\n\nupdated_at\x18\x07 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x08 \x01(\x01\x12\x18\n\x10local_dp_clients\x18\t \x01(\r\x12\x19\n\x11max_local_epsilon\x18\n \x01(\x01\"\xf3\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x13\n\x0bnum_clients\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x12\n\ntrain_loss\x18\x04 \x01(\x01\x12\x11\n\teval_loss\x18\x05 \x01(\x01\x12\x15\n\reval_accuracy\x18\x06 \x01(\x01\x12\x14\n\x0c\x65val_clients\x18\x07 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x08 \x01(\x01\x12\x19\n\x11\x63heckpoint_sha256\x18\t \x01(\t\x12\x37\n\x07metrics\x18\n \x03(\x0b\x32&.leptonfl.v1.RoundSummary.MetricsEntry\x12\x0f\n\x07\x65psilon\x18\x0b \x01(\x01\x12\x11\n\tclip_norm\x18\x0c \x01(\x01\x1a\x43\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.leptonfl.v1.Scalar:\x02\x38\x01\"U\n\tRunDetail\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.leptonfl.v1.Run\x12)\n\x06rounds\x18\x02 \x03(\x0b\x32\x19.leptonfl.v1.RoundSummary\"\x11\n\x0fListRunsRequest\"2\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.leptonfl.v1.Run\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xa0\x01\n\x08RunEvent\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.leptonfl.v1.Run\x12(\n\x05round\x18\x02 \x01(\x0b\x32\x19.leptonfl.v1.RoundSummary\x12\x12\n\nopen_round\x18\x03 \x01(\r\x12\x1a\n\x12open_round_updates\x18\x04 \x01(\r\x12\x1b\n\x13open_round_selected\x18\x05 \x01(\r\"^\n\x19\x44ownloadCheckpointRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\x05round\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\rB\x08\n\x06_round*\x81\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x14\n\x10\x42UDGET_EXHAUSTED\x10\x06\x32\xa8\x03\n\x07\x43ontrol\x12<\n\tCreateRun\x12\x1b.leptonfl.v1.CreateRunChunk\x1a\x10.leptonfl.v1.Run(\x01\x12G\n\x08ListRuns\x12\x1c.leptonfl.v1.ListRunsRequest\x1a\x1d.leptonfl.v1.ListRunsResponse\x12<\n\x06GetRun\x12\x1a.leptonfl.v1.GetRunRequest\x1a\x16.leptonfl.v1.RunDetail\x12<\n\tCancelRun\x12\x1d.leptonfl.v1.CancelRunRequest\x1a\x10.leptonfl.v1.Run\x12\x41\n\x08WatchRun\x12\x1c.leptonfl.v1.WatchRunRequest\x1a\x15.leptonfl.v1.RunEvent0\x01\x12W\n\x12\x44ownloadCheckpoint\x12&.leptonfl.v1.DownloadCheckpointRequest\x1a\x17.leptonfl.v1.ModelChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,40 +39,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSPEC_CLIENTCONFIGENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSUMMARY_METRICSENTRY']._loaded_options = None
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATUS']._serialized_start=2154
-  _globals['_RUNSTATUS']._serialized_end=2283
+  _globals['_RUNSTATUS']._serialized_start=2178
+  _globals['_RUNSTATUS']._serialized_end=2307
   _globals['_RUNSPEC']._serialized_start=89
-  _globals['_RUNSPEC']._serialized_end=565
-  _globals['_RUNSPEC_STRATEGYPARAMSENTRY']._serialized_start=417
-  _globals['_RUNSPEC_STRATEGYPARAMSENTRY']._serialized_end=491
-  _globals['_RUNSPEC_CLIENTCONFIGENTRY']._serialized_start=493
-  _globals['_RUNSPEC_CLIENTCONFIGENTRY']._serialized_end=565
-  _globals['_PRIVACYSPEC']._serialized_start=568
-  _globals['_PRIVACYSPEC']._serialized_end=825
-  _globals['_CREATERUNCHUNK']._serialized_start=828
-  _globals['_CREATERUNCHUNK']._serialized_end=981
-  _globals['_RUN']._serialized_start=984
-  _globals['_RUN']._serialized_end=1240
-  _globals['_ROUNDSUMMARY']._serialized_start=1243
-  _globals['_ROUNDSUMMARY']._serialized_end=1614
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1547
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1614
-  _globals['_RUNDETAIL']._serialized_start=1616
-  _globals['_RUNDETAIL']._serialized_end=1701
-  _globals['_LISTRUNSREQUEST']._serialized_start=1703
-  _globals['_LISTRUNSREQUEST']._serialized_end=1720
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1722
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1772
-  _globals['_GETRUNREQUEST']._serialized_start=1774
-  _globals['_GETRUNREQUEST']._serialized_end=1805
-  _globals['_CANCELRUNREQUEST']._serialized_start=1807
-  _globals['_CANCELRUNREQUEST']._serialized_end=1857
-  _globals['_WATCHRUNREQUEST']._serialized_start=1859
-  _globals['_WATCHRUNREQUEST']._serialized_end=1892
-  _globals['_RUNEVENT']._serialized_start=1895
-  _globals['_RUNEVENT']._serialized_end=2055
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=2057
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=2151
-  _globals['_CONTROL']._serialized_start=2286
-  _globals['_CONTROL']._serialized_end=2710
+  _globals['_RUNSPEC']._serialized_end=589
+  _globals['_RUNSPEC_STRATEGYPARAMSENTRY']._serialized_start=441
+  _globals['_RUNSPEC_STRATEGYPARAMSENTRY']._serialized_end=515
+  _globals['_RUNSPEC_CLIENTCONFIGENTRY']._serialized_start=517
+  _globals['_RUNSPEC_CLIENTCONFIGENTRY']._serialized_end=589
+  _globals['_PRIVACYSPEC']._serialized_start=592
+  _globals['_PRIVACYSPEC']._serialized_end=849
+  _globals['_CREATERUNCHUNK']._serialized_start=852
+  _globals['_CREATERUNCHUNK']._serialized_end=1005
+  _globals['_RUN']._serialized_start=1008
+  _globals['_RUN']._serialized_end=1264
+  _globals['_ROUNDSUMMARY']._serialized_start=1267
+  _globals['_ROUNDSUMMARY']._serialized_end=1638
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1571
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1638
+  _globals['_RUNDETAIL']._serialized_start=1640
+  _globals['_RUNDETAIL']._serialized_end=1725
+  _globals['_LISTRUNSREQUEST']._serialized_start=1727
+  _globals['_LISTRUNSREQUEST']._serialized_end=1744
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1746
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1796
+  _globals['_GETRUNREQUEST']._serialized_start=1798
+  _globals['_GETRUNREQUEST']._serialized_end=1829
+  _globals['_CANCELRUNREQUEST']._serialized_start=1831
+  _globals['_CANCELRUNREQUEST']._serialized_end=1881
+  _globals['_WATCHRUNREQUEST']._serialized_start=1883
+  _globals['_WATCHRUNREQUEST']._serialized_end=1916
+  _globals['_RUNEVENT']._serialized_start=1919
+  _globals['_RUNEVENT']._serialized_end=2079
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=2081
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=2175
+  _globals['_CONTROL']._serialized_start=2310
+  _globals['_CONTROL']._serialized_end=2734
 # @@protoc_insertion_point(module_scope)

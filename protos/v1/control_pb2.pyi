@@ -104,6 +104,7 @@ class RunSpec(_message.Message):
     CLIENT_CONFIG_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    OVER_SELECTION_FIELD_NUMBER: _builtins.int
     app: _builtins.str
     strategy: _builtins.str
     num_rounds: _builtins.int
@@ -111,6 +112,10 @@ class RunSpec(_message.Message):
     min_clients: _builtins.int
     round_timeout_seconds: _builtins.float
     name: _builtins.str
+    over_selection: _builtins.float
+    """Select ceil(K x (1 + over_selection)) clients and close each round at K updates, so
+    stragglers and dropouts do not hold it up. 0 (default): select exactly K.
+    """
     @_builtins.property
     def strategy_params(self) -> _containers.MessageMap[_builtins.str, _fleet_pb2.Scalar]: ...
     @_builtins.property
@@ -132,10 +137,11 @@ class RunSpec(_message.Message):
         client_config: _abc.Mapping[_builtins.str, _fleet_pb2.Scalar] | None = ...,
         name: _builtins.str = ...,
         privacy: Global___PrivacySpec | None = ...,
+        over_selection: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "client_config", b"client_config", "clients_per_round", b"clients_per_round", "min_clients", b"min_clients", "name", b"name", "num_rounds", b"num_rounds", "privacy", b"privacy", "round_timeout_seconds", b"round_timeout_seconds", "strategy", b"strategy", "strategy_params", b"strategy_params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "client_config", b"client_config", "clients_per_round", b"clients_per_round", "min_clients", b"min_clients", "name", b"name", "num_rounds", b"num_rounds", "over_selection", b"over_selection", "privacy", b"privacy", "round_timeout_seconds", b"round_timeout_seconds", "strategy", b"strategy", "strategy_params", b"strategy_params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -63,6 +63,7 @@ def run_to_pb(run: RunRecord, local_epsilons: Mapping[str, float] | None = None)
         round_timeout_seconds=run.round_timeout_s,
         name=run.name,
         privacy=privacy_to_pb(PrivacySettings.from_dict(run.privacy)),
+        over_selection=run.over_selection,
     )
     fill_scalar_map(spec.strategy_params, run.strategy_params)
     fill_scalar_map(spec.client_config, run.client_config)
@@ -130,6 +131,7 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
                 client_config=scalar_map_to_dict(s.client_config),
                 name=s.name,
                 privacy=privacy_from_pb(s.privacy),
+                over_selection=s.over_selection,
             )
             assembler = ModelAssembler(header.model_header, self.engine.config.stream_limits())
             for message in request_iterator:
