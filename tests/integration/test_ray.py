@@ -37,10 +37,27 @@ def make_optimizer(params, config):
 """
 
 
+def _start_local_ray(attempts: int = 3) -> None:
+    """`ray.init` of a local instance, tried again when Ray's own start-up times out.
+
+    Ray gives its raylet a fixed 30 s to register with its GCS; on a busy CI machine it has
+    once missed that ("The current node timed out during startup") before any of our code
+    ran. That is Ray's start-up, not what these tests check, so it gets more than one try.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     """One local Ray instance with 2 CPUs for the whole module; the pools join it and leave it up."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    _start_local_ray()
     try:
         yield
     finally:
