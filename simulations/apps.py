@@ -52,6 +52,9 @@ class App:
     _partition_cache: dict[tuple[int, int, str, int], tuple[Subset, Subset]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    _rows_cache: dict[tuple[int, int, str, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def initial_weights(self, seed: int) -> dict[str, torch.Tensor]:
         """The model's freshly initialised weights under `seed` (same on every host)."""
@@ -63,9 +66,24 @@ class App:
         cached = self._partition_cache.get(key)
         if cached is None:
             cached = self._partition(index, count, partitioner, seed)
-            if len(self._partition_cache) >= PARTITION_CACHE_SIZE:  # bounded: huge populations stay cheap
-                self._partition_cache.pop(next(iter(self._partition_cache)))
-            self._partition_cache[key] = cached
+            _remember(self._partition_cache, key, cached)
+        return cached
+
+    def partition_rows(
+        self, index: int, count: int, partitioner: str = "iid", seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`partition`'s train and test shares as int64 tensors of rows of the base datasets.
+
+        The simulation backends index the base tensors with these every round; converting the
+        Subsets' Python lists each time cost more than the gathers themselves. Read-only by
+        convention: callers index with them and never write into them.
+        """
+        key = (index, count, partitioner, seed)
+        cached = self._rows_cache.get(key)
+        if cached is None:
+            train, test = self.partition(index, count, partitioner, seed)
+            cached = (_row_tensor(train), _row_tensor(test))
+            _remember(self._rows_cache, key, cached)
         return cached
 
     def _partition(self, index: int, count: int, partitioner: str, seed: int) -> tuple[Subset, Subset]:
@@ -90,6 +108,17 @@ class App:
         else:  # too few test examples to share: everyone gets all
             test_idx = np.arange(len(test))
         return Subset(train, train_idx.tolist()), Subset(test, test_idx.tolist())
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Insert into a per-client cache, bounded so that huge populations stay cheap (oldest out)."""
+    if len(cache) >= PARTITION_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _row_tensor(share: Subset) -> torch.Tensor:
+    return torch.as_tensor(share.indices, dtype=torch.long)
 
 
 def labels_of(dataset: TensorDataset) -> torch.Tensor:

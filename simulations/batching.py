@@ -1,7 +1,7 @@
 """A virtual client's batches, exactly as `loader(train, batch_size, shuffle=True, seed)` would
-yield them, but cut from the client's rows of the base tensors instead of fetching and
-collating one example at a time. Same order, same tensors, so results are bit-identical to
-the DataLoader path, at a fraction of its per-example overhead.
+yield them, but gathered from the base tensors one epoch at a time instead of fetched and
+collated one example at a time. Same order, same values, so results match the DataLoader path,
+at a fraction of its per-example overhead.
 """
 
 from __future__ import annotations
@@ -23,16 +23,24 @@ def shuffled_orders(count: int, batch_size: int, seed: int, epochs: int) -> torc
 
     Per epoch the DataLoader's iterator draws one int64 base seed from the generator, then
     `RandomSampler` draws `randperm(count)` for the epoch and, when it is exhausted, one more
-    `randperm(count)` (for a zero-length remainder) — reproduced here draw for draw.
+    `randperm(count)` (for a zero-length remainder) — reproduced here draw for draw, except
+    that last epoch's trailing draw, which only moves a generator nobody reads again.
     `loader_orders` is the slow, literal reference this is checked against.
     """
+    orders = _epoch_orders(count, seed, epochs)
+    return torch.stack(orders) if orders else torch.empty(0, count, dtype=torch.long)
+
+
+def _epoch_orders(count: int, seed: int, epochs: int) -> list[torch.Tensor]:
+    """`shuffled_orders`' rows, unstacked (one op fewer per client where rows are used one by one)."""
     generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(epochs):
+    orders = []
+    for epoch in range(epochs):
         torch.empty((), dtype=torch.int64).random_(generator=generator)
-        rows.append(torch.randperm(count, generator=generator))
-        torch.randperm(count, generator=generator)
-    return torch.stack(rows)
+        orders.append(torch.randperm(count, generator=generator))
+        if epoch + 1 < epochs:
+            torch.randperm(count, generator=generator)
+    return orders
 
 
 def loader_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
@@ -49,21 +57,33 @@ def _fast_path_valid() -> bool:
     return _fast_orders_agree
 
 
-def epoch_batches(train: Subset, batch_size: int, seed: int, epochs: int) -> Callable[[], Batches]:
-    """A callable that yields epoch 1's batches on its first call, epoch 2's on the next, ..."""
+def epoch_batches(
+    train: Subset, batch_size: int, seed: int, epochs: int, rows: torch.Tensor | None = None
+) -> Callable[[], Batches]:
+    """A callable that yields epoch 1's batches on its first call, epoch 2's on the next, ...
+
+    `rows` are `train.indices` as an int64 tensor when the caller has them already (e.g.
+    `App.partition_rows`). Each epoch is one gather of the client's rows in shuffled order,
+    cut into batches that are views of it: a handful of tensor ops per epoch rather than two
+    per batch (this runs once per client and round: its fixed cost is the simulation's).
+    """
     base = train.dataset
     if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and len(train) and _fast_path_valid()):
         data = loader(train, batch_size, True, seed)
         return lambda: iter(data)
-    rows = torch.as_tensor(list(train.indices), dtype=torch.long)
-    inputs, targets = base.tensors[0][rows], base.tensors[1][rows]
-    orders = shuffled_orders(len(rows), batch_size, seed, epochs)
-    epoch = iter(range(epochs))
+    if rows is None:
+        rows = torch.as_tensor(train.indices, dtype=torch.long)
+    inputs, targets = base.tensors
+    count = len(rows)
+    sizes = [batch_size] * (count // batch_size) + ([count % batch_size] if count % batch_size else [])
+    orders = iter(_epoch_orders(count, seed, epochs))
 
     def batches() -> Batches:
-        order = orders[next(epoch)]
-        for start in range(0, len(order), batch_size):
-            positions = order[start : start + batch_size]
-            yield inputs[positions], targets[positions]
+        picked = rows.index_select(0, next(orders))
+        cut = (
+            inputs.index_select(0, picked).split_with_sizes(sizes),
+            targets.index_select(0, picked).split_with_sizes(sizes),
+        )
+        return zip(*cut, strict=True)
 
     return batches

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
-from client_sdk.training import evaluate_model, load_weights, snapshot, train_epochs
+from client_sdk.training import evaluate_model, load_weights, sgd, snapshot, train_epochs
 from simulations.apps import App, loader
 from simulations.batching import epoch_batches
 from simulations.config import SimulationConfig
@@ -59,44 +59,154 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63)
 
 
-def train_client(
-    app: App,
-    config: SimulationConfig,
-    model: torch.nn.Module,
-    weights: Mapping[str, torch.Tensor],
-    client: int,
-    number: int,
-    client_config: Mapping[str, Any],
-) -> ClientUpdate:
-    """One virtual client's local training from `weights`, as `TorchTrainer.fit` would do it."""
-    train, _ = app.partition(client, config.clients, config.partition, config.seed)
-    load_weights(model, weights)
-    optimizer = app.make_optimizer(model.parameters(), client_config)
-    epochs = int(client_config.get("local_epochs", 1))
-    seed = client_seed(config.seed, number, client)
-    batches = epoch_batches(train, int(client_config.get("batch_size", 32)), seed, epochs)
-    mu = float(client_config.get("proximal_mu", 0.0))
-    examples, loss = train_epochs(model, batches, optimizer, epochs, app.loss_fn, mu)
-    return ClientUpdate(snapshot(model), examples, {"train_loss": loss})
+class LocalTrainer:
+    """Trains virtual clients one after another on one model: a process's, a worker's or an actor's.
+
+    The model is built once and every client's start weights are copied into it in place. What
+    stays the same from client to client is set up once, not per client: the model's live
+    tensors (when they are exactly its parameters, so that loading weights and taking a
+    snapshot skip `state_dict()`), and, with the SDK's default `sgd`, the optimizer itself:
+    its state is cleared before each client, and an SGD with empty state is a fresh one.
+    Each client still trains through the SDK's `train_epochs`, as a real client does.
+    """
+
+    def __init__(self, app: App, config: SimulationConfig, model: torch.nn.Module) -> None:
+        self.app, self.config, self.model = app, config, model
+        self._live = _live_parameters(model)
+        self._optimizer: tuple[Any, torch.optim.Optimizer] | None = None
+
+    def load(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """`load_weights`, minus its `state_dict()` walk when the live tensors are known."""
+        if self._live is None or weights.keys() != self._live.keys():
+            load_weights(self.model, weights)  # also the one place a mismatch is reported
+            return
+        with torch.no_grad():
+            for name, tensor in self._live.items():
+                tensor.copy_(weights[name])
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """`snapshot`: a copy of the weights the aggregate may keep (some strategies hold every update)."""
+        if self._live is None:
+            return snapshot(self.model)
+        return {name: tensor.clone() for name, tensor in self._live.items()}
+
+    def optimizer(self, client_config: Mapping[str, Any]) -> torch.optim.Optimizer:
+        """A fresh optimizer for one client; with the default `sgd`, the previous one, state cleared."""
+        if self.app.make_optimizer is not sgd:
+            return self.app.make_optimizer(self.model.parameters(), client_config)
+        key = _config_key(client_config)
+        if self._optimizer is None or key is None or self._optimizer[0] != key:
+            self._optimizer = (key, sgd(self.model.parameters(), client_config))
+        optimizer = self._optimizer[1]
+        optimizer.state.clear()  # SGD's only state: momentum buffers
+        return optimizer
+
+    def train_client(
+        self, weights: Mapping[str, torch.Tensor], client: int, number: int, client_config: Mapping[str, Any]
+    ) -> ClientUpdate:
+        """One virtual client's local training from `weights`, as `TorchTrainer.fit` would do it."""
+        app, config = self.app, self.config
+        train, _ = app.partition(client, config.clients, config.partition, config.seed)
+        rows, _ = app.partition_rows(client, config.clients, config.partition, config.seed)
+        self.load(weights)
+        optimizer = self.optimizer(client_config)
+        epochs = int(client_config.get("local_epochs", 1))
+        seed = client_seed(config.seed, number, client)
+        batches = epoch_batches(train, int(client_config.get("batch_size", 32)), seed, epochs, rows)
+        mu = float(client_config.get("proximal_mu", 0.0))
+        examples, loss = train_epochs(self.model, batches, optimizer, epochs, app.loss_fn, mu)
+        return ClientUpdate(self.snapshot(), examples, {"train_loss": loss})
+
+    def fold(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        clients: Sequence[int],
+        number: int,
+        client_config: Mapping[str, Any],
+        aggregate: RoundAggregate,
+    ) -> list[float]:
+        """Train `clients` one after another into `aggregate`; returns each client's seconds."""
+        seconds = []
+        for client in clients:
+            started = time.perf_counter()
+            aggregate.add(self.train_client(weights, client, number, client_config))
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    def share(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        template: RoundAggregate,
+        clients: Sequence[int],
+        number: int,
+        client_config: Mapping[str, Any],
+    ) -> tuple[RoundAggregate, list[float]]:
+        """A pool member's part of a round: its clients folded into a private copy of the round's
+        empty aggregate (the template may arrive in memory shared with other members)."""
+        aggregate = copy.deepcopy(template)
+        return aggregate, self.fold(weights, clients, number, client_config, aggregate)
+
+    @torch.no_grad()
+    def evaluation_sums(self, weights: Mapping[str, torch.Tensor], clients: Sequence[int]) -> tuple[int, float, float]:
+        """(examples, loss sum, correct) of `weights` on the clients' test shares: a few large forward
+        passes over all their rows at once when the test set is a TensorDataset, else a loader each."""
+        if not clients:
+            return 0, 0.0, 0.0
+        app, config = self.app, self.config
+        shares = [app.partition(client, config.clients, config.partition, config.seed)[1] for client in clients]
+        self.load(weights)
+        base = shares[0].dataset
+        if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and all(len(s) for s in shares)):
+            return self._evaluate_each(shares)
+        index = torch.cat(
+            [app.partition_rows(client, config.clients, config.partition, config.seed)[1] for client in clients]
+        )
+        inputs, targets = base.tensors
+        model = self.model
+        model.eval()
+        loss_sum, hits = 0.0, 0
+        for start in range(0, len(index), EVAL_CHUNK):
+            chunk = index[start : start + EVAL_CHUNK]
+            outputs, labels = model(inputs[chunk]), targets[chunk]
+            # the app's loss, per example: mean over the chunk times its size
+            loss_sum += float(app.loss_fn(outputs, labels)) * len(chunk)
+            if outputs.dim() == 2 and not labels.is_floating_point():
+                hits += int((outputs.argmax(dim=1) == labels).sum())
+        model.train()
+        return len(index), loss_sum, float(hits)
+
+    def _evaluate_each(self, shares: Sequence[Subset]) -> tuple[int, float, float]:
+        """The general path: the SDK's `evaluate_model` over a loader of each share."""
+        examples, loss_sum, correct = 0, 0.0, 0.0
+        for share in shares:
+            result = evaluate_model(self.model, loader(share, 256, False, 0), self.app.loss_fn)
+            examples += result.num_examples
+            loss_sum += result.loss * result.num_examples
+            correct += result.metrics["accuracy"] * result.num_examples
+        return examples, loss_sum, correct
 
 
-def fold_clients(
-    app: App,
-    config: SimulationConfig,
-    model: torch.nn.Module,
-    weights: Mapping[str, torch.Tensor],
-    clients: Sequence[int],
-    number: int,
-    client_config: Mapping[str, Any],
-    aggregate: RoundAggregate,
-) -> list[float]:
-    """Train `clients` one after another into `aggregate`; returns each client's seconds."""
-    seconds = []
-    for client in clients:
-        started = time.perf_counter()
-        aggregate.add(train_client(app, config, model, weights, client, number, client_config))
-        seconds.append(time.perf_counter() - started)
-    return seconds
+def _live_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The model's state as live, detached views of its parameters, or None when its state_dict
+    is anything else (buffers, which a module may replace in `forward`, or state-dict hooks):
+    then every load and snapshot goes through `state_dict()`, as the SDK does."""
+    params = dict(model.named_parameters())
+    state = model.state_dict()
+    if list(state) != list(params) or any(
+        t.data_ptr() != params[n].data_ptr() or t.shape != params[n].shape for n, t in state.items()
+    ):
+        return None
+    return {name: p.detach() for name, p in params.items()}
+
+
+def _config_key(client_config: Mapping[str, Any]) -> Any:
+    """What identifies an optimizer built from `client_config` (None: not hashable, never reused)."""
+    try:
+        key = frozenset(client_config.items())
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def train_share(
@@ -111,15 +221,12 @@ def train_share(
 ) -> tuple[RoundAggregate, list[float]]:
     """A pool member's part of a round: its clients folded into a private copy of the round's
     empty aggregate (the template may arrive in memory shared with other members)."""
-    aggregate = copy.deepcopy(template)
-    seconds = fold_clients(app, config, model, weights, clients, number, client_config, aggregate)
-    return aggregate, seconds
+    return LocalTrainer(app, config, model).share(weights, template, clients, number, client_config)
 
 
 EVAL_CHUNK = 8192
 
 
-@torch.no_grad()
 def evaluation_sums(
     app: App,
     config: SimulationConfig,
@@ -127,41 +234,13 @@ def evaluation_sums(
     weights: Mapping[str, torch.Tensor],
     clients: Sequence[int],
 ) -> tuple[int, float, float]:
-    """(examples, loss sum, correct) of `weights` on the clients' test shares: a few large forward
-    passes over all their rows at once when the test set is a TensorDataset, else a loader each."""
-    if not clients:
-        return 0, 0.0, 0.0
-    shares = [app.partition(client, config.clients, config.partition, config.seed)[1] for client in clients]
-    load_weights(model, weights)
-    base = shares[0].dataset
-    if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and all(len(s) for s in shares)):
-        examples, loss_sum, correct = 0, 0.0, 0.0
-        for share in shares:
-            result = evaluate_model(model, loader(share, 256, False, 0), app.loss_fn)
-            examples += result.num_examples
-            loss_sum += result.loss * result.num_examples
-            correct += result.metrics["accuracy"] * result.num_examples
-        return examples, loss_sum, correct
-    index = torch.cat([torch.as_tensor(list(share.indices), dtype=torch.long) for share in shares])
-    inputs, targets = base.tensors
-    model.eval()
-    loss_sum, hits = 0.0, 0
-    for start in range(0, len(index), EVAL_CHUNK):
-        chunk = index[start : start + EVAL_CHUNK]
-        outputs, labels = model(inputs[chunk]), targets[chunk]
-        # the app's loss, per example: mean over the chunk times its size
-        loss_sum += float(app.loss_fn(outputs, labels)) * len(chunk)
-        if outputs.dim() == 2 and not labels.is_floating_point():
-            hits += int((outputs.argmax(dim=1) == labels).sum())
-    model.train()
-    return len(index), loss_sum, float(hits)
+    """`LocalTrainer.evaluation_sums` on `model`, for callers that keep a model only (Ray actors)."""
+    return LocalTrainer(app, config, model).evaluation_sums(weights, clients)
 
 
-def _evaluate(
-    app: App, config: SimulationConfig, model: torch.nn.Module, weights: dict[str, torch.Tensor], clients: list[int]
-) -> tuple[float, float]:
+def _evaluate(trainer: LocalTrainer, weights: dict[str, torch.Tensor], clients: list[int]) -> tuple[float, float]:
     """Federated evaluation of the new global model on the round's clients' test shares."""
-    examples, loss_sum, correct = evaluation_sums(app, config, model, weights, clients)
+    examples, loss_sum, correct = trainer.evaluation_sums(weights, clients)
     return (loss_sum / examples, correct / examples) if examples else (math.nan, math.nan)
 
 
@@ -186,7 +265,7 @@ def run_inprocess(
     strategy = build_strategy(config.strategy, config.strategy_params, privacy, config.per_round, seed=config.seed)
     ledger = PrivacyLedger(privacy.accountant, delta=privacy.delta) if privacy.enabled else None
     sample_rate = config.per_round / config.clients
-    model = app.build_model()
+    trainer = LocalTrainer(app, config, app.build_model())
     sampler = random.Random(config.seed)
     records: list[RoundRecord] = []
     # Many small models: a second intra-op thread costs more than it gives (and fights the
@@ -224,7 +303,7 @@ def run_inprocess(
                     aggregate.merge(partial_aggregate)
                     client_seconds += times
             else:
-                client_seconds = fold_clients(app, config, model, weights, selected, number, client_config, aggregate)
+                client_seconds = trainer.fold(weights, selected, number, client_config, aggregate)
             if on_client is not None:
                 for seconds in client_seconds:
                     on_client(seconds)
@@ -238,7 +317,7 @@ def run_inprocess(
                 examples, loss_sum, correct = pool.evaluate(weights, selected)
                 eval_loss, eval_accuracy = (loss_sum / examples, correct / examples) if examples else (math.nan,) * 2
             else:
-                eval_loss, eval_accuracy = _evaluate(app, config, model, weights, selected)
+                eval_loss, eval_accuracy = _evaluate(trainer, weights, selected)
             record = RoundRecord(
                 round=number,
                 num_clients=aggregate.num_updates,

@@ -44,10 +44,10 @@ class WorkerError(RuntimeError):
 
 
 def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
-    from simulations.inprocess import evaluation_sums, train_share
+    from simulations.inprocess import LocalTrainer
 
     torch.set_num_threads(1)
-    model = app.build_model()
+    trainer = LocalTrainer(app, config, app.build_model())
     while True:
         message = conn.recv()
         try:
@@ -55,10 +55,10 @@ def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
                 return
             if message[0] == "train":
                 _, number, weights, template, clients, client_config = message
-                conn.send(("ok", train_share(app, config, model, weights, template, clients, number, client_config)))
+                conn.send(("ok", trainer.share(weights, template, clients, number, client_config)))
             else:
                 _, weights, clients = message
-                conn.send(("ok", evaluation_sums(app, config, model, weights, clients)))
+                conn.send(("ok", trainer.evaluation_sums(weights, clients)))
         except Exception:  # report, don't die: the parent raises it with the traceback
             conn.send(("error", traceback.format_exc()))
 
