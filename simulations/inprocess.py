@@ -10,11 +10,12 @@ and the training functions are the daemon's and the SDK's own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -244,6 +245,21 @@ def _evaluate(trainer: LocalTrainer, weights: dict[str, torch.Tensor], clients: 
     return (loss_sum / examples, correct / examples) if examples else (math.nan, math.nan)
 
 
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """One torch intra-op thread while simulating, the caller's setting restored after.
+
+    Many small models: a second intra-op thread costs more than it gives (its pool is started
+    and spins between tiny ops) and fights the workers for cores; parallelism comes from
+    worker processes instead. Everything from the initial weights on runs inside this."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_inprocess(
     app: App,
     config: SimulationConfig,
@@ -256,6 +272,19 @@ def run_inprocess(
 ) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
     """The round loop. With `pool_factory` (e.g. the Ray backend's), rounds whose aggregate is
     mergeable train on the pool it makes, whatever `config.workers` says."""
+    with one_intra_op_thread():
+        return _round_loop(app, config, on_round, echo, pool_factory, on_client, on_round_start)
+
+
+def _round_loop(
+    app: App,
+    config: SimulationConfig,
+    on_round: Progress,
+    echo: Callable[[str], None],
+    pool_factory: PoolFactory | None,
+    on_client: Callable[[float], None] | None,
+    on_round_start: Callable[[int, int], None] | None,
+) -> tuple[list[RoundRecord], dict[str, torch.Tensor]]:
     from simulations.pool import WorkerPool
 
     workers = config.worker_count()
@@ -268,10 +297,6 @@ def run_inprocess(
     trainer = LocalTrainer(app, config, app.build_model())
     sampler = random.Random(config.seed)
     records: list[RoundRecord] = []
-    # Many small models: a second intra-op thread costs more than it gives (and fights the
-    # workers for cores); parallelism comes from worker processes instead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         for number in range(1, config.rounds + 1):
             started = time.perf_counter()
@@ -332,7 +357,6 @@ def run_inprocess(
             records.append(record)
             on_round(record)
     finally:
-        torch.set_num_threads(threads)
         if pool is not None:
             pool.close()
     return records, weights

@@ -55,7 +55,7 @@ from client_sdk.training import sgd
 from simulations.apps import App, loader
 from simulations.batching import loader_orders, shuffled_orders
 from simulations.config import SimulationConfig
-from simulations.inprocess import Progress, client_seed, run_inprocess
+from simulations.inprocess import Progress, client_seed, one_intra_op_thread, run_inprocess
 from simulations.inprocess import evaluation_sums as stacked_evaluation_sums
 from simulations.report import RoundRecord
 from strategies import ClientUpdate, RoundAggregate
@@ -85,15 +85,16 @@ def run_vectorized(
 
     The loop (sampling, strategy, DP ledger, records) is `run_inprocess` itself; this backend
     only supplies a pool whose `train` runs all of a round's clients at once."""
-    model = app.build_model()
-    reason = unsupported_reason(app, config, model)
-    if reason is not None:
-        echo(f"vectorized: falling back to inprocess: {reason}")
-        return run_inprocess(app, config, on_round, echo, **hooks)
-    trainer = _VectorTrainer(app, model, memory_budget_bytes)
-    return run_inprocess(
-        app, config, on_round, echo, pool_factory=lambda _app, _config, _n: VectorizedPool(config, trainer), **hooks
-    )
+    with one_intra_op_thread():  # as run_inprocess: the probe below is this backend's first vmap
+        model = app.build_model()
+        reason = unsupported_reason(app, config, model)
+        if reason is not None:
+            echo(f"vectorized: falling back to inprocess: {reason}")
+            return run_inprocess(app, config, on_round, echo, **hooks)
+        trainer = _VectorTrainer(app, model, memory_budget_bytes)
+        return run_inprocess(
+            app, config, on_round, echo, pool_factory=lambda _app, _config, _n: VectorizedPool(config, trainer), **hooks
+        )
 
 
 class VectorizedPool:
@@ -112,7 +113,9 @@ class VectorizedPool:
     ) -> list[tuple[RoundAggregate, list[float]]]:
         started = time.perf_counter()
         aggregate = copy.deepcopy(template)
-        plans = [self.trainer.plan(self.config, number, client, client_config) for client in clients]
+        batch_size = int(client_config.get("batch_size", 32))
+        epochs = int(client_config.get("local_epochs", 1))
+        plans = [self.trainer.plan(self.config, number, client, batch_size, epochs) for client in clients]
         for update in self.trainer.train(plans, weights, client_config):  # selection order, as inprocess adds
             aggregate.add(update)
         # Clients train together: each is charged an equal share of the round's training time.
@@ -295,18 +298,16 @@ class _VectorTrainer:
 
     # -- planning
 
-    def plan(self, config: SimulationConfig, number: int, client: int, client_config: Mapping[str, Any]) -> ClientPlan:
+    def plan(self, config: SimulationConfig, number: int, client: int, batch_size: int, epochs: int) -> ClientPlan:
         train, _ = self.app.partition(client, config.clients, config.partition, config.seed)
         if not isinstance(train, Subset):
             raise TypeError(f"App.partition returned {type(train).__name__}, not a Subset of the training set")
-        rows = torch.as_tensor(list(train.indices), dtype=torch.long)
-        batch_size = int(client_config.get("batch_size", 32))
-        epochs = int(client_config.get("local_epochs", 1))
+        rows, _ = self.app.partition_rows(client, config.clients, config.partition, config.seed)
         seed = client_seed(config.seed, number, client)
         if len(rows) == 0:
             loader(train, batch_size, True, seed)  # raises exactly as inprocess does on empty data
         positions = self._orders(len(rows), batch_size, seed, epochs)
-        order = rows[positions] if len(rows) else torch.empty(epochs, 0, dtype=torch.long)
+        order = rows.take(positions) if len(rows) else torch.empty(epochs, 0, dtype=torch.long)
         return ClientPlan(client, len(rows), epochs, batch_size, order)
 
     def _orders(self, count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:
@@ -351,39 +352,23 @@ class _VectorTrainer:
         for group in pack_groups([p.steps for p in plans], cap):
             members = [plans[i] for i in group]
             params, losses = self._train_group(members, anchors, step, lr, momentum)
-            for j, i in enumerate(group):
-                plan = plans[i]
-                results[i] = ClientUpdate(
-                    {name: params[name][j] for name in self.names}, plan.examples, {"train_loss": losses[j]}
-                )
+            rows = zip(*(params[name].unbind(0) for name in self.names), strict=True)  # client j's tensors
+            for i, tensors, loss in zip(group, rows, losses, strict=True):
+                weights_i = dict(zip(self.names, tensors, strict=True))
+                results[i] = ClientUpdate(weights_i, plans[i].examples, {"train_loss": loss})
         return [r for r in results if r is not None]
 
     def _train_group(
         self, members: list[ClientPlan], anchors: Params, step: StepFn, lr: float, momentum: float
     ) -> tuple[Params, list[float]]:
         size = len(members)
-        batch = members[0].batch_size
-        longest = max(m.steps for m in members)
-        # [longest, size, batch] rows of the base dataset, sample weights and real-sample counts
-        rows = torch.zeros(longest, size, batch, dtype=torch.long)
-        weight = torch.zeros(longest, size, batch)
-        for j, m in enumerate(members):
-            per_epoch = m.batches_per_epoch * batch
-            padded = torch.zeros(m.epochs, per_epoch, dtype=torch.long)
-            padded[:, : m.examples] = m.order
-            padded[:, m.examples :] = m.order[:, :1]  # any real row: its weight is 0
-            rows[: m.steps, j] = padded.view(m.steps, batch)
-            mask = torch.zeros(per_epoch)
-            mask[: m.examples] = 1.0
-            weight[: m.steps, j] = mask.view(m.batches_per_epoch, batch).repeat(m.epochs, 1)
-        counts = weight.sum(dim=2)  # [longest, size]
+        rows, weight, last_epoch = _group_layout(members)
+        longest = rows.shape[0]
+        counts = weight.sum(dim=2)  # [longest, size] real samples per step
         active = counts > 0
         full = active.all(dim=1).tolist()
         # the last epoch's loss is what train_epochs reports: weight each step's mean by its count
-        last_epoch = torch.zeros(longest, size, dtype=torch.float64)
-        for j, m in enumerate(members):
-            last_epoch[(m.epochs - 1) * m.batches_per_epoch : m.steps, j] = 1.0
-        last_epoch *= counts.double()
+        last_epoch = last_epoch.double() * counts.double()
         counts.clamp_(min=1.0)
 
         params = {n: anchors[n].unsqueeze(0).expand(size, *anchors[n].shape).clone() for n in self.names}
@@ -415,6 +400,31 @@ class _VectorTrainer:
         loss_sums = (torch.stack(step_losses).double() * last_epoch).sum(dim=0)
         examples = torch.tensor([m.examples for m in members], dtype=torch.float64)
         return params, (loss_sums / examples).tolist()
+
+
+def _group_layout(members: Sequence[ClientPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each of a group's clients reads its samples, step by step, built in a few tensor ops
+    for the whole group (a loop over clients here cost more than the training it set up).
+
+    Returns `rows` [longest, size, batch] (base-dataset rows), `weight` [longest, size, batch]
+    (1 for a real sample, 0 for padding) and `last_epoch` [longest, size] (the steps of each
+    client's last epoch). Client j's step t, slot b holds sample (t mod per_epoch_j) × batch + b
+    of its epoch ⌊t / per_epoch_j⌋; slots past its data (a partial last batch) or steps past its
+    last one are padding, filled with the client's first row (any real row: its weight is 0).
+    """
+    batch = members[0].batch_size
+    examples = torch.tensor([m.examples for m in members]).view(1, -1, 1)
+    per_epoch = torch.tensor([m.batches_per_epoch for m in members]).view(1, -1, 1)
+    steps = torch.tensor([m.steps for m in members]).view(1, -1, 1)
+    flat = torch.cat([m.order.reshape(-1) for m in members])  # every client's epochs, one after another
+    sizes = (examples * torch.tensor([m.epochs for m in members]).view(1, -1, 1)).flatten()
+    starts = (torch.cumsum(sizes, 0) - sizes).view(1, -1, 1)  # where each client's orders begin in `flat`
+    t = torch.arange(int(steps.max())).view(-1, 1, 1)
+    epoch, slot = t // per_epoch, (t % per_epoch) * batch + torch.arange(batch).view(1, 1, -1)
+    real = (t < steps) & (slot < examples)
+    rows = flat[torch.where(real, starts + epoch * examples + slot, starts)]
+    last_epoch = ((t >= steps - per_epoch) & (t < steps))[:, :, 0]
+    return rows, real.to(torch.float32), last_epoch
 
 
 def _saved_bytes_per_sample(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> int:
