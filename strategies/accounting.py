@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
+if TYPE_CHECKING:  # importing opacus costs ~2 s (it pulls in torch.distributed): only when DP is on
+    from opacus.accountants.accountant import IAccountant
 
-ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+ACCOUNTANTS = ("rdp", "prv")
 
 HistoryEntry = tuple[float, float, int]
 
@@ -52,11 +52,11 @@ def _check_step(noise_multiplier: float, sample_rate: float) -> tuple[float, flo
 
 
 def _make_accountant(name: str) -> IAccountant:
-    try:
-        cls = ACCOUNTANTS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown accountant {name!r}; choose one of {', '.join(sorted(ACCOUNTANTS))}") from None
-    return cls()
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; choose one of {', '.join(sorted(ACCOUNTANTS))}")
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if name == "rdp" else PRVAccountant()
 
 
 class PrivacyLedger:
