@@ -318,7 +318,7 @@ def _round_loop(
             if pool is None and pool_factory is not None and aggregate.mergeable:
                 pool = pool_factory(app, config, workers)
             elif pool is None and workers > 1 and aggregate.mergeable:
-                pool = WorkerPool(app, config, workers)
+                pool = WorkerPool(app, config, workers, local=trainer)
                 echo(f"training on {workers} worker processes")
             parallel = pool is not None and aggregate.mergeable and len(selected) > 1
             client_seconds: list[float] = []

@@ -1,11 +1,15 @@
 """Worker processes for the in-process backend: one per core, one intra-op thread each.
 
-Workers are forked once per simulation, so they inherit the loaded app, its data and its
-partitions without copying or serialising them. Each round, every worker gets the global
-weights (torch shared memory), an empty aggregate of the round and its share of the
-clients; it trains them one after another on its own model and sends back the partial
-aggregate, which the parent merges. Clients go to workers by a deterministic greedy split
-on data size, so the same seed and worker count give bit-identical results.
+The simulating process is worker 0 itself: it trains its own share of each round on the
+round loop's trainer while the other workers train theirs, so `workers=N` forks N - 1
+processes (one fork, one exit and one round of messages fewer per extra process than
+N children and an idle parent would cost). Workers are forked once per simulation, so they
+inherit the loaded app, its data and its partitions without copying or serialising them.
+Each round, every worker gets the global weights (torch shared memory), an empty aggregate of
+the round and its share of the clients; it trains them one after another on its own model
+and sends back the partial aggregate, which the parent merges. Clients go to workers by a
+deterministic greedy split on data size, so the same seed and worker count give
+bit-identical results.
 
 This is internal IPC between our own processes (multiprocessing pipes carrying shared-memory
 tensor handles), not a trust boundary: nothing here is reachable from the network.
@@ -17,7 +21,8 @@ import heapq
 import traceback
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as mp
@@ -25,6 +30,9 @@ import torch.multiprocessing as mp
 from simulations.apps import App
 from simulations.config import SimulationConfig
 from strategies import RoundAggregate
+
+if TYPE_CHECKING:
+    from simulations.inprocess import LocalTrainer
 
 
 def greedy_shares(sizes: Mapping[int, int], clients: Sequence[int], parts: int) -> list[list[int]]:
@@ -39,8 +47,67 @@ def greedy_shares(sizes: Mapping[int, int], clients: Sequence[int], parts: int) 
     return [sorted(share) for share in shares]
 
 
+# Tensors up to this size cross the pipe by value; larger ones in torch shared memory.
+BY_VALUE_BYTES = 1 << 20
+
+
+class _Pickler(ForkingPickler):
+    """`ForkingPickler` (as `Connection.send` uses), except that small CPU tensors travel by value.
+
+    Moving a tensor to shared memory costs a segment, a file descriptor passed through
+    multiprocessing's resource sharer and a mapping on the other side: for the few-KB weights
+    and partial sums of a small model that is several times what copying the bytes costs, and
+    it is paid for every tensor of every message, twice a round. `Connection.recv` unpickles
+    either kind, so only the sending side differs."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            type(obj) is torch.Tensor
+            and obj.layout == torch.strided
+            and obj.device.type == "cpu"
+            and not obj.requires_grad
+            and not obj.is_quantized
+            and obj.numel() * obj.element_size() <= BY_VALUE_BYTES
+        ):
+            return _tensor_from_bytes, (_tensor_bytes(obj), obj.dtype, tuple(obj.shape))
+        return NotImplemented
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _send(conn: Connection, message: Any) -> None:
+    conn.send_bytes(_Pickler.dumps(message))
+
+
+def _for_workers(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global weights as a message carries them: large tensors copied into shared memory
+    once (not moved: the caller's stay where they are), small ones as they are (sent by value)."""
+    return {
+        name: t.detach().clone().share_memory_() if t.numel() * t.element_size() > BY_VALUE_BYTES else t
+        for name, t in weights.items()
+    }
+
+
 class WorkerError(RuntimeError):
     """A worker process failed; the message carries its traceback."""
+
+
+def _handle(trainer: LocalTrainer, message: tuple[Any, ...]) -> Any:
+    """What a worker does with a "train" or "evaluate" message (the parent too, for its own share)."""
+    if message[0] == "train":
+        _, number, weights, template, clients, client_config = message
+        return trainer.share(weights, template, clients, number, client_config)
+    _, weights, clients = message
+    return trainer.evaluation_sums(weights, clients)
 
 
 def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
@@ -50,26 +117,25 @@ def _serve(app: App, config: SimulationConfig, conn: Connection) -> None:
     trainer = LocalTrainer(app, config, app.build_model())
     while True:
         message = conn.recv()
+        if message[0] == "stop":
+            return
         try:
-            if message[0] == "stop":
-                return
-            if message[0] == "train":
-                _, number, weights, template, clients, client_config = message
-                conn.send(("ok", trainer.share(weights, template, clients, number, client_config)))
-            else:
-                _, weights, clients = message
-                conn.send(("ok", trainer.evaluation_sums(weights, clients)))
+            _send(conn, ("ok", _handle(trainer, message)))
         except Exception:  # report, don't die: the parent raises it with the traceback
             conn.send(("error", traceback.format_exc()))
 
 
 class WorkerPool:
-    def __init__(self, app: App, config: SimulationConfig, workers: int) -> None:
+    """`workers` processes training shares of each round; with `local` (the round loop's trainer),
+    this process is worker 0 and `workers - 1` are forked, else all `workers` are."""
+
+    def __init__(self, app: App, config: SimulationConfig, workers: int, local: LocalTrainer | None = None) -> None:
         context = mp.get_context("fork")
         self.app, self.config = app, config
-        self._conns: list[Connection] = []
+        self._local = local
+        self._conns: list[Connection | None] = [None] if local is not None else []  # None: this process
         self._procs = []
-        for index in range(workers):
+        for index in range(len(self._conns), workers):
             parent, child = context.Pipe()
             process = context.Process(
                 target=_serve, args=(app, config, child), daemon=True, name=f"leptonfl-sim-worker-{index}"
@@ -85,14 +151,28 @@ class WorkerPool:
         return greedy_shares(sizes, clients, len(self._conns))
 
     def _gather(self, messages: list[tuple[Any, ...]]) -> list[Any]:
+        """Each worker's answer to its message, in worker order; this process's share is done
+        while the others work. Every answer is collected before any failure is raised, so the
+        pipes stay in step for `close`."""
         for conn, message in zip(self._conns, messages, strict=True):
-            conn.send(message)
-        results = []
-        for conn in self._conns:
+            if conn is not None:
+                _send(conn, message)
+        results: list[Any] = []
+        failure: Exception | None = None
+        for conn, message in zip(self._conns, messages, strict=True):
+            if conn is None:
+                assert self._local is not None
+                try:
+                    results.append(_handle(self._local, message))
+                except Exception as exc:  # raised as it is (as with one process), once the others answered
+                    failure = failure or exc
+                continue
             status, payload = conn.recv()
             if status != "ok":
-                raise WorkerError(f"a simulation worker failed:\n{payload}")
+                failure = failure or WorkerError(f"a simulation worker failed:\n{payload}")
             results.append(payload)
+        if failure is not None:
+            raise failure
         return results
 
     def train(
@@ -104,17 +184,19 @@ class WorkerPool:
         client_config: Mapping[str, Any],
     ) -> list[tuple[RoundAggregate, list[float]]]:
         """(partial aggregate, seconds per client) of the round, one per worker, in worker order."""
-        shared = {name: t.detach().clone().share_memory_() for name, t in weights.items()}
+        shared = _for_workers(weights)
         shares = self._shares(clients)
         return self._gather([("train", number, shared, template, share, dict(client_config)) for share in shares])
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], clients: Sequence[int]) -> tuple[int, float, float]:
-        shared = {name: t.detach().clone().share_memory_() for name, t in weights.items()}
+        shared = _for_workers(weights)
         parts = self._gather([("evaluate", shared, share) for share in self._shares(clients)])
         return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
 
     def close(self) -> None:
         for conn in self._conns:
+            if conn is None:
+                continue
             try:
                 conn.send(("stop",))
             except (BrokenPipeError, OSError):
