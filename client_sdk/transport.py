@@ -32,6 +32,9 @@ log = logging.getLogger("leptonfl.client")
 T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_CHUNK_BYTES = 8 << 20  # the daemon refuses bigger chunks
+# HTTP/2 keepalive pings while the channel is idle (e.g. during minutes of local training), so
+# NATs and proxies keep the connection open; the daemon permits one every 10 s or slower.
+KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
 
 
 def _retryable(error: grpc.RpcError) -> bool:
@@ -100,8 +103,8 @@ class FleetTransport:
                 ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
                 ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
                 ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )

@@ -30,6 +30,9 @@ log = logging.getLogger("leptonfl.daemon")
 
 # Chunks are at most a few MiB; nothing else is large. Bounded so one message can't hog memory.
 MAX_MESSAGE_BYTES = 16 << 20
+# Clients may send keepalive pings this often on an idle connection (the SDK pings every 20 s
+# during long local training); faster pingers get GOAWAY "too_many_pings".
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
 class Daemon:
@@ -65,7 +68,7 @@ class Daemon:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 # Clients may ping every 20 s during long local training without being cut off.
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )

@@ -1,0 +1,155 @@
+"""Stragglers and dropouts against the real daemon and real SDK clients over loopback gRPC.
+
+* Dropouts: 20 clients, 30 % of them vanish mid-round (inside local training, at seeded
+  rounds) and never come back; with over-selection every round still completes by its
+  deadline with its quorum, and slow clients hear "round closed" without failing.
+* Long local training (longer than the liveness timeout) is not mistaken for a dead
+  client: the SDK's heartbeats keep it in the round, and its gRPC keepalive pings are
+  within what the daemon permits.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from client_sdk import Backoff, FederatedClient
+from client_sdk.training import EvalResult, FitResult
+from server.control_client import ControlClient, status_name
+from server.daemon import Daemon
+from tests.conftest import start_daemon
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+POPULATION, QUORUM, ROUNDS, TIMEOUT_S = 20, 10, 4, 20.0
+
+
+class Vanished(Exception):
+    """Raised by a trainer to make its client disappear mid-round (no upload, no heartbeat)."""
+
+
+class Worker:
+    """A small deterministic learner; may be slow, and may vanish in a given round."""
+
+    def __init__(self, index: int, delay_s: float, vanish_in_round: int | None = None) -> None:
+        g = torch.Generator().manual_seed(index)
+        self.x, self.y = torch.randn(20, 4, generator=g), torch.randn(20, 2, generator=g)
+        self.delay_s, self.vanish_in_round = delay_s, vanish_in_round
+        self.rounds_started = 0
+        self.vanished = threading.Event()
+
+    def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
+        self.rounds_started += 1
+        if self.rounds_started == self.vanish_in_round:
+            time.sleep(self.delay_s / 2)  # mid-training
+            self.vanished.set()
+            raise Vanished("gone")
+        time.sleep(self.delay_s)
+        grad = self.x.T @ (self.x @ weights["w"] - self.y) / len(self.x)
+        return FitResult({"w": weights["w"] - 0.1 * grad}, len(self.x), {})
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> EvalResult:
+        return EvalResult(len(self.x), float(((self.x @ weights["w"] - self.y) ** 2).mean()), {})
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path / "data", liveness_timeout_s=1.0, heartbeat_interval_s=0.2, selection_grace_s=0.3)
+    yield d
+    d.stop(grace=0.5)
+
+
+def _client(address: str, run_id: str, worker: Worker, index: int) -> FederatedClient:
+    return FederatedClient(
+        address,
+        "dropout-test",
+        worker,
+        name=f"client-{index}",
+        run_id=run_id,
+        backoff=Backoff(initial=0.1, maximum=0.5, timeout=60),
+    )
+
+
+def test_dropouts_every_round_completes_by_its_deadline_with_the_quorum(daemon: Daemon) -> None:
+    rng = random.Random(20261123)
+    vanishing = set(rng.sample(range(POPULATION), k=POPULATION * 3 // 10))
+    slow = set(rng.sample(sorted(set(range(POPULATION)) - vanishing), k=2))
+    workers = {
+        i: Worker(
+            i,
+            delay_s=1.5 if i in slow else rng.uniform(0.05, 0.3),
+            vanish_in_round=rng.randint(1, ROUNDS - 1) if i in vanishing else None,
+        )
+        for i in range(POPULATION)
+    }
+    with ControlClient(daemon.address) as control:
+        run = control.create_run(
+            app="dropout-test",
+            weights={"w": torch.zeros(4, 2)},
+            num_rounds=ROUNDS,
+            clients_per_round=QUORUM,
+            min_clients=QUORUM,
+            round_timeout_s=TIMEOUT_S,
+            # 16 selected: even if all 6 that vanish are picked, 10 can still answer.
+            over_selection=0.6,
+        )
+        clients = {i: _client(daemon.address, run.run_id, w, i) for i, w in workers.items()}
+        for client in clients.values():
+            client.start()
+        try:
+            deadline = time.monotonic() + 180
+            while status_name(control.get_run(run.run_id).run) == "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            detail = control.get_run(run.run_id)
+        finally:
+            for client in clients.values():
+                client.stop(timeout=10)
+
+    assert status_name(detail.run) == "completed", detail.run.status_reason
+    assert [r.round for r in detail.rounds] == list(range(1, ROUNDS + 1))
+    for summary in detail.rounds:
+        assert summary.num_clients >= QUORUM, f"round {summary.round} committed below the quorum"
+        assert summary.duration_seconds < TIMEOUT_S, f"round {summary.round} ran past its deadline"
+    # The dropouts really happened, mid-round, and ended those clients...
+    assert all(workers[i].vanished.is_set() for i in vanishing)
+    assert all(type(clients[i].error).__name__ == "TrainingError" for i in vanishing)
+    # ...while clients slower than the quorum (the two slow ones among them) were told their
+    # round had closed, and kept serving without an error.
+    staying = set(range(POPULATION)) - vanishing
+    assert sum(clients[i].stats.late_results for i in staying) >= 1
+    assert all(clients[i].error is None for i in staying)
+
+
+def test_training_longer_than_the_liveness_timeout_keeps_the_client_in_its_round(daemon: Daemon) -> None:
+    from client_sdk.transport import KEEPALIVE_TIME_MS
+    from server.daemon import MIN_CLIENT_PING_INTERVAL_MS
+
+    # The SDK's keepalive pings must be ones the daemon accepts, or it would cut idle clients off.
+    assert KEEPALIVE_TIME_MS >= MIN_CLIENT_PING_INTERVAL_MS
+
+    workers = [Worker(i, delay_s=3.0) for i in range(2)]  # 3 s of training against a 1 s liveness timeout
+    with ControlClient(daemon.address) as control:
+        run = control.create_run(
+            app="dropout-test",
+            weights={"w": torch.zeros(4, 2)},
+            num_rounds=1,
+            clients_per_round=2,
+            min_clients=2,
+            round_timeout_s=30,
+        )
+        clients = [_client(daemon.address, run.run_id, w, i) for i, w in enumerate(workers)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            stats = client.join(timeout=60)
+            assert (stats.rounds_trained, stats.late_results) == (1, 0)
+        detail = control.get_run(run.run_id)
+    assert status_name(detail.run) == "completed"
+    assert [(r.round, r.num_clients) for r in detail.rounds] == [(1, 2)]
