@@ -532,7 +532,7 @@ class RoundEngine:
                     num_examples,
                     metrics,
                     relative,
-                    sha256_of(weights.path),
+                    weights.sha256,  # hashed while it was written
                 )
             )
             crash_point("accepted")

@@ -121,8 +121,8 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     so the daemon's memory for an update is its largest tensor, not the whole model.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, sha256: str = "") -> None:
+        self.path, self.sha256 = path, sha256
         with safe_open(str(path), framework="pt") as f:
             self._names = list(f.keys())
 
@@ -147,7 +147,6 @@ class SpoolAssembler(ModelAssembler):
     def __init__(self, header: pb.ModelHeader, limits: StreamLimits, path: Path) -> None:
         super().__init__(header, limits)  # validates the header before anything touches the disk
         self._out = _HashingFile(path)
-        self.sha256 = ""
         try:
             entries = [(s.name, WIRE_TO_TORCH[s.dtype], list(s.shape)) for s in header.tensors]
             if len({name for name, _, _ in entries}) != len(entries):
@@ -163,8 +162,8 @@ class SpoolAssembler(ModelAssembler):
     def finish(self) -> LazyTensors:  # type: ignore[override]
         if not self.complete:
             raise CodecError(f"stream ended early: {self.received_bytes} of {self.total_bytes} bytes received")
-        self.sha256, _ = self._out.finish()
-        return LazyTensors(self._out.path)
+        digest, _ = self._out.finish()
+        return LazyTensors(self._out.path, digest)
 
     def abort(self) -> None:
         """Drop the partial file (a stream that failed validation or broke off)."""

@@ -102,6 +102,11 @@ class RoundAggregate(ABC):
     def result(self) -> Weights:
         """The aggregated global weights; raises if no update arrived."""
 
+    def take_result(self) -> Weights:
+        """`result()` for the last time: the aggregate may free its buffers while computing it
+        (strategies call this from `finish_round`; the aggregate is spent afterwards)."""
+        return self.result()
+
 
 class Strategy(ABC):
     """Base class of aggregation strategies; see the module docstring for the lifecycle."""
@@ -121,7 +126,7 @@ class Strategy(ABC):
         self, server_round: int, global_weights: Mapping[str, torch.Tensor], aggregate: RoundAggregate
     ) -> Weights:
         """The new global weights after `server_round` (default: what the aggregate computed)."""
-        return aggregate.result()
+        return aggregate.take_result()
 
     def state_dict(self) -> StrategyState:
         """State to persist after every committed round (stateless strategies: empty)."""
