@@ -21,6 +21,7 @@ from server.auth import Authorizer
 from server.checkpoints import CheckpointStore
 from server.config import ServerConfig
 from server.engine import EngineConfig, RoundEngine
+from server.memory import tune_malloc
 from server.metrics import DaemonMetrics
 from server.servicers.control import ControlServicer
 from server.servicers.fleet import FleetServicer
@@ -141,6 +142,7 @@ def _redact(url: str) -> str:
 
 def run_daemon(config: ServerConfig) -> int:
     """Run in the foreground until SIGTERM/SIGINT; returns the process exit code."""
+    tune_malloc()
     daemon = Daemon(config)
     stop = threading.Event()
 
