@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -60,6 +61,28 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63)
 
 
+@dataclass(frozen=True)
+class LocalSettings:
+    """What a round's client config says about local training, read once per round rather than
+    once per client (the SDK's defaults: one epoch, batches of 32, no FedProx term)."""
+
+    config: Mapping[str, Any]
+    epochs: int
+    batch_size: int
+    mu: float
+    optimizer_key: Any  # identifies an optimizer built from `config`; None: never reuse one
+
+    @classmethod
+    def of(cls, client_config: Mapping[str, Any]) -> LocalSettings:
+        return cls(
+            client_config,
+            int(client_config.get("local_epochs", 1)),
+            int(client_config.get("batch_size", 32)),
+            float(client_config.get("proximal_mu", 0.0)),
+            _config_key(client_config),
+        )
+
+
 class LocalTrainer:
     """Trains virtual clients one after another on one model: a process's, a worker's or an actor's.
 
@@ -91,13 +114,13 @@ class LocalTrainer:
             return snapshot(self.model)
         return {name: tensor.clone() for name, tensor in self._live.items()}
 
-    def optimizer(self, client_config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    def optimizer(self, settings: LocalSettings) -> torch.optim.Optimizer:
         """A fresh optimizer for one client; with the default `sgd`, the previous one, state cleared."""
         if self.app.make_optimizer is not sgd:
-            return self.app.make_optimizer(self.model.parameters(), client_config)
-        key = _config_key(client_config)
+            return self.app.make_optimizer(self.model.parameters(), settings.config)
+        key = settings.optimizer_key
         if self._optimizer is None or key is None or self._optimizer[0] != key:
-            self._optimizer = (key, sgd(self.model.parameters(), client_config))
+            self._optimizer = (key, sgd(self.model.parameters(), settings.config))
         optimizer = self._optimizer[1]
         optimizer.state.clear()  # SGD's only state: momentum buffers
         return optimizer
@@ -106,16 +129,19 @@ class LocalTrainer:
         self, weights: Mapping[str, torch.Tensor], client: int, number: int, client_config: Mapping[str, Any]
     ) -> ClientUpdate:
         """One virtual client's local training from `weights`, as `TorchTrainer.fit` would do it."""
+        return self._train(weights, client, number, LocalSettings.of(client_config))
+
+    def _train(
+        self, weights: Mapping[str, torch.Tensor], client: int, number: int, settings: LocalSettings
+    ) -> ClientUpdate:
         app, config = self.app, self.config
         train, _ = app.partition(client, config.clients, config.partition, config.seed)
         rows, _ = app.partition_rows(client, config.clients, config.partition, config.seed)
         self.load(weights)
-        optimizer = self.optimizer(client_config)
-        epochs = int(client_config.get("local_epochs", 1))
+        optimizer = self.optimizer(settings)
         seed = client_seed(config.seed, number, client)
-        batches = epoch_batches(train, int(client_config.get("batch_size", 32)), seed, epochs, rows)
-        mu = float(client_config.get("proximal_mu", 0.0))
-        examples, loss = train_epochs(self.model, batches, optimizer, epochs, app.loss_fn, mu)
+        batches = epoch_batches(train, settings.batch_size, seed, settings.epochs, rows)
+        examples, loss = train_epochs(self.model, batches, optimizer, settings.epochs, app.loss_fn, settings.mu)
         return ClientUpdate(self.snapshot(), examples, {"train_loss": loss})
 
     def fold(
@@ -127,10 +153,11 @@ class LocalTrainer:
         aggregate: RoundAggregate,
     ) -> list[float]:
         """Train `clients` one after another into `aggregate`; returns each client's seconds."""
+        settings = LocalSettings.of(client_config)  # the round's: the same for all its clients
         seconds = []
         for client in clients:
             started = time.perf_counter()
-            aggregate.add(self.train_client(weights, client, number, client_config))
+            aggregate.add(self._train(weights, client, number, settings))
             seconds.append(time.perf_counter() - started)
         return seconds
 

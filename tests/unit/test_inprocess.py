@@ -15,7 +15,7 @@ from client_sdk.training import sgd
 from simulations.apps import App, load_app, loader
 from simulations.batching import epoch_batches
 from simulations.config import SimulationConfig
-from simulations.inprocess import LocalTrainer
+from simulations.inprocess import LocalSettings, LocalTrainer
 from tests.conftest import DIGITS_APP
 
 
@@ -79,8 +79,8 @@ def test_reused_optimizer_and_live_tensors_give_bit_identical_updates(
         b = slow.train_client(weights, client, 1, settings)
         assert a.num_examples == b.num_examples and a.metrics == b.metrics
         assert all(torch.equal(a.weights[k], b.weights[k]) for k in weights)
-    assert fast.optimizer(settings) is fast.optimizer(settings)
-    assert fast.optimizer({**settings, "lr": 0.2}).param_groups[0]["lr"] == 0.2
+    assert fast.optimizer(LocalSettings.of(settings)) is fast.optimizer(LocalSettings.of(settings))
+    assert fast.optimizer(LocalSettings.of({**settings, "lr": 0.2})).param_groups[0]["lr"] == 0.2
 
 
 def test_snapshots_are_copies(tmp_path: Path) -> None:
