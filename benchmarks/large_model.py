@@ -223,7 +223,10 @@ def main() -> None:
     for clients in args.clients:
         row = one_case(args.gib, clients, work)
         rows.append(row)
-        print(f"  {clients} clients done in {row['wall_s']:.0f} s", flush=True)
+        print(
+            f"  {clients} clients: {row['wall_s']:.0f} s, daemon peak RSS {float(row['peak_rss']) / GIB:.2f} GiB",
+            flush=True,
+        )
     print()
     print("| clients | model GiB | wall s | daemon peak RSS GiB | peak / model | round committed | exact FedAvg |")
     print("|---|---|---|---|---|---|---|")

@@ -66,7 +66,7 @@ from server.store import (
 )
 from server.strategy_state import STATE_PREFIX, pack, split_state, unpack
 from server.tensorfiles import LazyTensors, SpoolAssembler, sha256_of
-from strategies import ClientUpdate, RoundAggregate, Strategy, Weights
+from strategies import ClientUpdate, RoundAggregate, Strategy
 from strategies.accounting import PrivacyLedger
 from strategies.factory import PrivacySettings, build_strategy, epsilon_over_budget
 
@@ -193,7 +193,7 @@ class _AlreadyAccepted(Exception):
 class RunState:
     record: RunRecord
     strategy: Strategy
-    weights: Weights
+    weights: Mapping[str, torch.Tensor]  # the committed global model, backed by its checkpoint file
     header: tensors_pb2.ModelHeader
     privacy: PrivacySettings = PrivacySettings()
     ledger: PrivacyLedger | None = None
@@ -298,7 +298,11 @@ class RoundEngine:
         """A run's in-memory state, exactly as of its last committed round."""
         checkpoint = self.store.checkpoint(record.id)
         assert checkpoint is not None, f"run {record.id} has no checkpoint"
-        weights, state_tensors = unpack(self.checkpoints.load(checkpoint))
+        stored = self.checkpoints.open(checkpoint)
+        # The global model stays in its checkpoint file (read through the page cache on each
+        # download): a multi-GiB model does not also sit in the daemon's heap for the round.
+        weights = stored.view(lambda name: not name.startswith(STATE_PREFIX))
+        _, state_tensors = unpack({n: t.clone() for n, t in stored.items() if n.startswith(STATE_PREFIX)})
         privacy = PrivacySettings.from_dict(record.privacy)
         strategy = build_strategy(record.strategy, record.strategy_params, privacy, record.clients_per_round)
         strategy.load_state_dict({**record.strategy_state, **state_tensors})
@@ -687,9 +691,10 @@ class RoundEngine:
         json_state, state_tensors = split_state(strategy.state_dict())
         record = replace(record, strategy_state=json_state)
         checkpoint = self.checkpoints.save(run_id, 0, pack(weights, state_tensors))
+        stored = self.checkpoints.open(checkpoint, verify=False).view(weights.__contains__)
         with self._lock:
             self.store.create_run(record, checkpoint)
-            self._runs[run_id] = RunState(record, strategy, weights, model_header(weights), spec.privacy, ledger)
+            self._runs[run_id] = RunState(record, strategy, stored, model_header(weights), spec.privacy, ledger)
             self._notify()
         log.info(
             "created run %s: app %s, %s, %d rounds, %d clients per round",
@@ -731,12 +736,13 @@ class RoundEngine:
             self._end_run(run_id, "cancelled", reason or "cancelled by the operator")
         return self.get_run(run_id)
 
-    def checkpoint_weights(self, run_id: str, number: int | None) -> dict[str, torch.Tensor]:
+    def checkpoint_weights(self, run_id: str, number: int | None) -> Mapping[str, torch.Tensor]:
+        """A committed model, file-backed (for streaming it out; sha256 checked)."""
         self.get_run(run_id)
         checkpoint = self.store.checkpoint(run_id, number)
         if checkpoint is None:
             raise NotFound(f"run {run_id} has no committed checkpoint for round {number}")
-        return unpack(self.checkpoints.load(checkpoint))[0]
+        return self.checkpoints.open(checkpoint).view(lambda name: not name.startswith(STATE_PREFIX))
 
     def _end_run(self, run_id: str, status: str, reason: str = "") -> None:
         state = self._runs.pop(run_id, None)
@@ -987,7 +993,9 @@ class RoundEngine:
         if ledger_state is not None:
             state.record = replace(state.record, privacy_ledger=ledger_state)
             state.ledger = _ledger_from(ledger_state)
-        state.weights, state.header, state.attempt = weights, model_header(weights), 1
+        model_names = set(weights)
+        state.header, state.attempt = model_header(weights), 1
+        state.weights = self.checkpoints.open(checkpoint, verify=False).view(model_names.__contains__)
         self.metrics.rounds_committed.inc()
         self.metrics.round_duration.observe(clock - open_.started)
         self.metrics.aggregation_seconds.observe(time.perf_counter() - aggregation_started)

@@ -5,7 +5,7 @@ model of several GiB that is one or two extra model-sized buffers in the daemon.
 helpers write the same format (an 8-byte little-endian header length, a JSON header with
 dtype, shape and byte offsets, then the raw little-endian bytes in order) tensor by tensor
 — or chunk by chunk, straight from an upload stream — hashing as they go, and read tensors
-lazily through `safetensors.safe_open`. Files are written under a temporary name, fsynced
+lazily as memory maps. Files are written under a temporary name, fsynced
 and renamed, so a crash never leaves a half-written file under its final name.
 """
 
@@ -17,12 +17,12 @@ import math
 import os
 import secrets
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from protos.codec import WIRE_TO_TORCH, CodecError, ModelAssembler, StreamLimits, raw_bytes
 from protos.v1 import tensors_pb2 as pb
@@ -39,6 +39,7 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def _header(entries: list[tuple[str, torch.dtype, list[int]]], metadata: Mapping[str, str]) -> bytes:
@@ -114,29 +115,62 @@ def sha256_of(path: Path, block: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+class _Entry(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def _read_table(path: Path) -> dict[str, _Entry]:
+    """Name → dtype, shape and absolute byte range, from a safetensors file's header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        table = json.loads(f.read(length))
+    table.pop("__metadata__", None)
+    start = 8 + length
+    entries = {}
+    for name, info in table.items():
+        dtype = TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        entries[name] = _Entry(dtype, tuple(info["shape"]), start + begin, start + end)
+    return entries
+
+
 class LazyTensors(Mapping[str, torch.Tensor]):
     """A safetensors file as a read-only mapping that loads each tensor only when asked.
 
-    Folding an update through it (`for name, t in lazy.items()`) holds one tensor at a time,
-    so the daemon's memory for an update is its largest tensor, not the whole model.
+    Each tensor is a copy-on-write memory map of its bytes in the file: backed by the page
+    cache and resident only while it is in use. Folding an update through it
+    (`for name, t in lazy.items()`) or streaming the global model from it holds one tensor
+    at a time, so the daemon's memory for a model it only reads is its largest tensor.
+    (Read with numpy's memmap rather than `safetensors.safe_open(...).get_tensor`, which
+    keeps a small Python object alive per call in safetensors 0.8: a slow leak in a daemon
+    that reads every tensor of every update.)
     """
 
-    def __init__(self, path: Path, sha256: str = "") -> None:
+    def __init__(self, path: Path, sha256: str = "", entries: dict[str, _Entry] | None = None) -> None:
         self.path, self.sha256 = path, sha256
-        with safe_open(str(path), framework="pt") as f:
-            self._names = list(f.keys())
+        self._entries = _read_table(path) if entries is None else entries
+
+    def view(self, keep: Callable[[str], bool]) -> LazyTensors:
+        """The same file restricted to the tensors whose names `keep` accepts."""
+        return LazyTensors(self.path, self.sha256, {n: e for n, e in self._entries.items() if keep(n)})
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=begin, shape=(end - begin,))
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._entries)
 
 
 class SpoolAssembler(ModelAssembler):
