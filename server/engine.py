@@ -715,9 +715,9 @@ class RoundEngine:
     def list_runs(self) -> list[RunRecord]:
         return self.store.list_runs()
 
-    def rounds(self, run_id: str) -> list[RoundRecord]:
+    def rounds(self, run_id: str, since: int = 0) -> list[RoundRecord]:
         self.get_run(run_id)
-        return self.store.rounds(run_id)
+        return self.store.rounds(run_id, since)
 
     def progress(self, run_id: str) -> tuple[int, int, int]:
         """(open round number, updates received, clients selected); zeros when none is open."""

@@ -169,11 +169,17 @@ class ControlServicer(control_pb2_grpc.ControlServicer):
         version = -1
         sent: dict[int, bytes] = {}
         last_progress: bytes = b""
+        epsilons: tuple[int, Mapping[str, float]] = (-1, {})
         while context.is_active():
             version = self.engine.wait_for_change(version, WATCH_POLL_S)
             run = self.engine.get_run(request.run_id)
-            run_pb = run_to_pb(run, self.engine.store.local_epsilons(run.id))
-            for r in (round_to_pb(r) for r in self.engine.rounds(run.id)):
+            # Per event, only what can have changed: clients' epsilons move only with a commit,
+            # and only the newest round can still change (its evaluation). A long run's watch
+            # must not re-read its whole history on every update.
+            if epsilons[0] != run.committed_rounds:
+                epsilons = (run.committed_rounds, self.engine.store.local_epsilons(run.id))
+            run_pb = run_to_pb(run, epsilons[1])
+            for r in (round_to_pb(r) for r in self.engine.rounds(run.id, since=max(sent, default=0))):
                 if sent.get(r.round) != (wire := r.SerializeToString()):
                     sent[r.round] = wire
                     yield pb.RunEvent(run=run_pb, round=r)

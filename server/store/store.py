@@ -243,9 +243,12 @@ class Store:
                 .values(eval_loss=loss, eval_accuracy=accuracy, eval_clients=clients)
             )
 
-    def rounds(self, run_id: str) -> list[RoundRecord]:
+    def rounds(self, run_id: str, since: int = 0) -> list[RoundRecord]:
+        """A run's committed rounds numbered `since` or later, in order."""
         with self._session() as s:
-            query = select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.number)
+            query = (
+                select(RoundRow).where(RoundRow.run_id == run_id, RoundRow.number >= since).order_by(RoundRow.number)
+            )
             return [_round_record(r) for r in s.scalars(query)]
 
     def participations(self, run_id: str, number: int) -> list[Participation]:
