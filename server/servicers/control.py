@@ -95,6 +95,7 @@ def round_to_pb(r: RoundRecord) -> pb.RoundSummary:
         duration_seconds=r.duration_s,
         epsilon=float(r.metrics.get("epsilon") or 0.0),
         clip_norm=float(r.metrics.get("clip_norm") or 0.0),
+        checkpoint_sha256=r.checkpoint_sha256,
     )
     fill_scalar_map(summary.metrics, {k: v for k, v in r.metrics.items() if isinstance(v, int | float | str | bool)})
     return summary

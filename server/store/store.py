@@ -77,6 +77,7 @@ class RoundRecord:
     eval_clients: int
     duration_s: float
     metrics: dict[str, Any]
+    checkpoint_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _run_record(row: RunRow) -> RunRecord:
     return RunRecord(**{f: getattr(row, f) for f in RunRecord.__dataclass_fields__})
 
 
-def _round_record(row: RoundRow) -> RoundRecord:
+def _round_record(row: RoundRow, checkpoint_sha256: str | None = "") -> RoundRecord:
     return RoundRecord(
         run_id=row.run_id,
         number=row.number,
@@ -149,6 +150,7 @@ def _round_record(row: RoundRow) -> RoundRecord:
         eval_clients=row.eval_clients,
         duration_s=row.duration_s,
         metrics=dict(row.metrics),
+        checkpoint_sha256=checkpoint_sha256 or "",
     )
 
 
@@ -212,7 +214,7 @@ class Store:
             _drop_open_round(s, round_.run_id)
             if evaluation is not None:
                 s.add(_open_round_row(evaluation))
-            s.add(RoundRow(**vars(round_), committed_at=now()))
+            s.add(RoundRow(**{k: v for k, v in vars(round_).items() if k != "checkpoint_sha256"}, committed_at=now()))
             s.add(CheckpointRow(**vars(checkpoint), created_at=now()))
             for p in participations:
                 s.add(
@@ -247,9 +249,14 @@ class Store:
         """A run's committed rounds numbered `since` or later, in order."""
         with self._session() as s:
             query = (
-                select(RoundRow).where(RoundRow.run_id == run_id, RoundRow.number >= since).order_by(RoundRow.number)
+                select(RoundRow, CheckpointRow.sha256)
+                .outerjoin(
+                    CheckpointRow, (CheckpointRow.run_id == RoundRow.run_id) & (CheckpointRow.round == RoundRow.number)
+                )
+                .where(RoundRow.run_id == run_id, RoundRow.number >= since)
+                .order_by(RoundRow.number)
             )
-            return [_round_record(r) for r in s.scalars(query)]
+            return [_round_record(row, digest) for row, digest in s.execute(query).tuples()]
 
     def participations(self, run_id: str, number: int) -> list[Participation]:
         with self._session() as s:

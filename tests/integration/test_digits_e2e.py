@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -49,6 +50,10 @@ def _run_digits(daemon):
         assert all(r.num_examples == len(app.load_dataset()[0]) for r in detail.rounds)
         assert detail.rounds[-1].eval_accuracy > detail.rounds[0].eval_accuracy
         assert not math.isnan(detail.rounds[-1].train_loss)
+        # Each round names the sha256 of its checkpoint file, so an operator can verify a copy.
+        files = sorted((daemon.config.data_dir / "runs" / run.run_id).glob("round-*.safetensors"))
+        digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert [r.checkpoint_sha256 for r in detail.rounds] == digests[1:]
         final = control.download(run.run_id)
         initial = control.download(run.run_id, 0)
         assert all(torch.equal(initial[k], v) for k, v in app.initial_weights(0).items())
