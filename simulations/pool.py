@@ -2,17 +2,18 @@
 
 The simulating process is worker 0 itself: it trains its own share of each round on the
 round loop's trainer while the other workers train theirs, so `workers=N` forks N - 1
-processes (one fork, one exit and one round of messages fewer per extra process than
-N children and an idle parent would cost). Workers are forked once per simulation, so they
-inherit the loaded app, its data and its partitions without copying or serialising them.
-Each round, every worker gets the global weights (torch shared memory), an empty aggregate of
-the round and its share of the clients; it trains them one after another on its own model
-and sends back the partial aggregate, which the parent merges. Clients go to workers by a
-deterministic greedy split on data size, so the same seed and worker count give
-bit-identical results.
+processes (one fork, one exit and one message exchange fewer than N children and an idle
+parent). Workers are forked once per simulation, so they inherit the loaded app, its data
+and its partitions without copying or serialising them. Each round, every worker gets the
+global weights, an empty aggregate of the round and its share of the clients; it trains them
+one after another on its own model and sends back the partial aggregate, which the parent
+merges. Tensors up to `BY_VALUE_BYTES` cross the pipes by value, larger ones in torch shared
+memory. Clients go to workers by a deterministic greedy split on data size, so the same seed
+and worker count give bit-identical results.
 
-This is internal IPC between our own processes (multiprocessing pipes carrying shared-memory
-tensor handles), not a trust boundary: nothing here is reachable from the network.
+This is internal IPC between our own processes (multiprocessing pipes carrying pickled
+tensors and shared-memory handles), not a trust boundary: nothing here is reachable from
+the network.
 """
 
 from __future__ import annotations
