@@ -6,8 +6,9 @@ final model (max abs difference ≤ 1e-5).
 Real processes: the daemon is `leptonfl server start` in a subprocess, SIGKILLed by itself
 at the seeded crash point (`LEPTONFL_CRASH_AT`, see `server.faults`) — mid-download,
 mid-upload, right after an update became durable, mid-aggregation, between checkpoint
-file and commit, after the commit, mid-evaluation — and restarted on the same port and
-database; four SDK clients over real gRPC ride through the outage with their retries.
+file and commit, after the commit, mid-evaluation — and restarted on the same port, data
+dir and database (in this process: a real daemon, without a second interpreter start-up
+per scenario); four SDK clients over real gRPC ride through the outage with their retries.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch
 from client_sdk import Backoff, FederatedClient
 from client_sdk.training import EvalResult, FitResult
 from server.control_client import ControlClient, status_name
+from server.daemon import Daemon
 from server.store import Store
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -114,6 +116,7 @@ class Scenario:
         self.address = f"127.0.0.1:{self.port}"
         self.log = open(root / "daemon.log", "ab")  # noqa: SIM115 - closed in close()
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarted: Daemon | None = None
 
     def start(self, crash_at: str = "") -> None:
         env = {k: v for k, v in os.environ.items() if k != "LEPTONFL_CRASH_AT"}
@@ -160,6 +163,16 @@ class Scenario:
                     raise AssertionError(f"daemon did not start; see {self.root / 'daemon.log'}") from None
                 time.sleep(0.05)
 
+    def restart(self) -> None:
+        """The daemon again, on the same port, data dir and database."""
+        self.restarted = start_daemon(
+            self.root / "data",
+            address=self.address,
+            db=self.db_url,
+            selection_grace_s=0.2,
+            chunk_bytes=64 << 10,
+        )
+
     def wait_exit(self, timeout: float) -> int | None:
         assert self.process is not None
         try:
@@ -168,6 +181,8 @@ class Scenario:
             return None
 
     def close(self) -> None:
+        if self.restarted is not None:
+            self.restarted.stop(grace=0.5)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(15)
@@ -217,7 +232,7 @@ def run_scenario(root: Path, db_url: str, crash_at: str = "") -> Outcome:
             code = scenario.wait_exit(timeout=120)
             assert code == -9, f"the daemon never reached crash point {crash_at} (exit {code})"
             crashed = True
-            scenario.start()
+            scenario.restart()
         for client in clients:
             client.join(timeout=180)
             assert not client.running, "a client did not finish"
