@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +116,9 @@ class VectorizedPool:
         batch_size = int(client_config.get("batch_size", 32))
         epochs = int(client_config.get("local_epochs", 1))
         plans = [self.trainer.plan(self.config, number, client, batch_size, epochs) for client in clients]
-        for update in self.trainer.train(plans, weights, client_config):  # selection order, as inprocess adds
-            aggregate.add(update)
+        for group, params, metrics in self.trainer.train_groups(plans, weights, client_config):
+            # A group's updates folded together (one contraction per tensor for FedAvg's sum).
+            aggregate.add_stacked(params, [plans[i].examples for i in group], metrics)
         # Clients train together: each is charged an equal share of the round's training time.
         share = (time.perf_counter() - started) / max(1, len(clients))
         return [(aggregate, [share] * len(clients))]
@@ -293,19 +294,22 @@ class _VectorTrainer:
         self.sample_bytes = self.inputs[:1].numel() * self.inputs.element_size()
         self.activation_bytes_per_sample = _saved_bytes_per_sample(model, self.inputs[:8], self.targets[:8])
         self._orders_checked = False
+        self._partition_checked = False
         self._fast_orders = True
         self._steps: dict[float, StepFn] = {}
 
     # -- planning
 
     def plan(self, config: SimulationConfig, number: int, client: int, batch_size: int, epochs: int) -> ClientPlan:
-        train, _ = self.app.partition(client, config.clients, config.partition, config.seed)
-        if not isinstance(train, Subset):
-            raise TypeError(f"App.partition returned {type(train).__name__}, not a Subset of the training set")
         rows, _ = self.app.partition_rows(client, config.clients, config.partition, config.seed)
         seed = client_seed(config.seed, number, client)
-        if len(rows) == 0:
-            loader(train, batch_size, True, seed)  # raises exactly as inprocess does on empty data
+        if not self._partition_checked or len(rows) == 0:  # once per run: what partition() returns
+            train, _ = self.app.partition(client, config.clients, config.partition, config.seed)
+            if not isinstance(train, Subset):
+                raise TypeError(f"App.partition returned {type(train).__name__}, not a Subset of the training set")
+            self._partition_checked = True
+            if len(rows) == 0:
+                loader(train, batch_size, True, seed)  # raises exactly as inprocess does on empty data
         positions = self._orders(len(rows), batch_size, seed, epochs)
         order = rows.take(positions) if len(rows) else torch.empty(epochs, 0, dtype=torch.long)
         return ClientPlan(client, len(rows), epochs, batch_size, order)
@@ -335,6 +339,18 @@ class _VectorTrainer:
         self, plans: list[ClientPlan], weights: Mapping[str, torch.Tensor], client_config: Mapping[str, Any]
     ) -> list[ClientUpdate]:
         """Train every planned client from `weights`; their updates in plan (selection) order."""
+        results: list[ClientUpdate | None] = [None] * len(plans)
+        for group, params, losses in self.train_groups(plans, weights, client_config):
+            rows = zip(*(params[name].unbind(0) for name in self.names), strict=True)  # client j's tensors
+            for i, tensors, loss in zip(group, rows, losses, strict=True):
+                results[i] = ClientUpdate(dict(zip(self.names, tensors, strict=True)), plans[i].examples, loss)
+        return [r for r in results if r is not None]
+
+    def train_groups(
+        self, plans: list[ClientPlan], weights: Mapping[str, torch.Tensor], client_config: Mapping[str, Any]
+    ) -> Iterator[tuple[list[int], Params, list[dict[str, float]]]]:
+        """Train every planned client from `weights`, a group at a time: (plan indices, their
+        parameters stacked along a leading client axis, their metrics)."""
         lr = float(client_config.get("lr", 0.05))
         momentum = float(client_config.get("momentum", 0.0))
         mu = float(client_config.get("proximal_mu", 0.0))
@@ -343,20 +359,16 @@ class _VectorTrainer:
         step = self._steps[mu]
         self.model.train()
         anchors = {name: weights[name].detach() for name in self.names}
-        results: list[ClientUpdate | None] = [None] * len(plans)
-        for i, plan in enumerate(plans):
-            if plan.steps == 0:  # local_epochs < 1: train_epochs returns the weights untouched
-                results[i] = ClientUpdate({n: weights[n].clone() for n in self.names}, 0, {"train_loss": math.nan})
+        idle = [i for i, plan in enumerate(plans) if plan.steps == 0]
+        if idle:  # local_epochs < 1: train_epochs returns the weights untouched
+            stacked = {n: weights[n].unsqueeze(0).expand(len(idle), *weights[n].shape).clone() for n in self.names}
+            yield idle, stacked, [{"train_loss": math.nan} for _ in idle]
         batch_size = plans[0].batch_size if plans else 1
         cap = self.group_cap(batch_size, momentum)
         for group in pack_groups([p.steps for p in plans], cap):
             members = [plans[i] for i in group]
             params, losses = self._train_group(members, anchors, step, lr, momentum)
-            rows = zip(*(params[name].unbind(0) for name in self.names), strict=True)  # client j's tensors
-            for i, tensors, loss in zip(group, rows, losses, strict=True):
-                weights_i = dict(zip(self.names, tensors, strict=True))
-                results[i] = ClientUpdate(weights_i, plans[i].examples, {"train_loss": loss})
-        return [r for r in results if r is not None]
+            yield group, params, [{"train_loss": loss} for loss in losses]
 
     def _train_group(
         self, members: list[ClientPlan], anchors: Params, step: StepFn, lr: float, momentum: float

@@ -25,7 +25,7 @@ Hosts: the daemon (`server/engine.py`) and the in-process simulator
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -71,6 +71,27 @@ class RoundAggregate(ABC):
         for key, value in update.metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 self._fold_metric(key, float(value), update.num_examples)
+
+    def add_stacked(
+        self, stacked: Mapping[str, torch.Tensor], num_examples: Sequence[int], metrics: Sequence[Mapping[str, Scalar]]
+    ) -> None:
+        """Fold many updates at once, given as tensors stacked along a leading client axis
+        (clients trained together by the vectorized simulation arrive that way). The same as
+        `add` for each in turn, up to float summation order; aggregates without a stacked
+        fold of their own get exactly that."""
+        if len(num_examples) != len(metrics) or any(n <= 0 for n in num_examples):
+            raise ValueError("every stacked update needs a positive example count and its metrics")
+        self._fold_stacked(stacked, num_examples)
+        self.num_updates += len(num_examples)
+        self.num_examples += sum(num_examples)
+        for n, update_metrics in zip(num_examples, metrics, strict=True):
+            for key, value in update_metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    self._fold_metric(key, float(value), n)
+
+    def _fold_stacked(self, stacked: Mapping[str, torch.Tensor], num_examples: Sequence[int]) -> None:
+        for i, n in enumerate(num_examples):
+            self._fold(ClientUpdate({name: t[i] for name, t in stacked.items()}, n))
 
     def merge(self, other: RoundAggregate) -> None:
         """Fold in another partial aggregate of the same round — e.g. one a simulation worker

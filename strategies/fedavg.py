@@ -7,7 +7,7 @@ the number of clients, and summation error stays far below float32 resolution.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,21 @@ class WeightedMean(RoundAggregate):
                 self._sums[name] = torch.zeros(tensor.shape, dtype=torch.float64)
             # in place, promoted to float64: no model-sized temporaries per update
             self._sums[name].add_(tensor.detach(), alpha=update.num_examples)
+
+    def _fold_stacked(self, stacked: Mapping[str, torch.Tensor], num_examples: Sequence[int]) -> None:
+        """Σ_k n_k w_k for a whole stack in one float64 contraction per tensor."""
+        if stacked.keys() != self._shapes.keys():
+            raise ValueError("update tensors differ from the global model's")
+        wrong = [n for n, t in stacked.items() if t.shape[1:] != self._shapes[n] or len(t) != len(num_examples)]
+        if wrong:
+            raise ValueError(f"stacked tensors {wrong} do not match the global model's shapes and the update count")
+        counts = torch.tensor(num_examples, dtype=torch.float64)
+        for name, tensor in stacked.items():
+            folded = torch.tensordot(counts, tensor.detach().to(torch.float64), dims=1)
+            if name in self._sums:
+                self._sums[name].add_(folded)
+            else:
+                self._sums[name] = folded
 
     def _merge_state(self, other: RoundAggregate) -> None:
         assert isinstance(other, WeightedMean)

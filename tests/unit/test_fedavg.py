@@ -396,3 +396,26 @@ def test_duplicate_registration_is_refused() -> None:
             pass
 
     assert registry._REGISTRY["fedavg"] is FedAvg
+
+
+def test_a_stacked_fold_equals_adding_each_update() -> None:
+    g = torch.Generator().manual_seed(3)
+    stacked = {"w": torch.randn(5, 3, 2, generator=g), "b": torch.randn(5, 3, generator=g)}
+    counts = [3, 1, 4, 1, 5]
+    metrics = [{"train_loss": float(i)} for i in range(5)]
+    one_by_one = WeightedMean({k: t[0] for k, t in stacked.items()})
+    for i, n in enumerate(counts):
+        one_by_one.add(ClientUpdate({k: t[i] for k, t in stacked.items()}, n, metrics[i]))
+    together = WeightedMean({k: t[0] for k, t in stacked.items()})
+    together.add_stacked(stacked, counts, metrics)
+    assert (together.num_updates, together.num_examples) == (5, 14)
+    assert together.metrics() == pytest.approx(one_by_one.metrics())
+    for name, tensor in one_by_one.result().items():
+        assert float((together.result()[name] - tensor).abs().max()) <= 1e-7
+    # the paper's formula, directly
+    direct = sum(n * stacked["b"][i].double() for i, n in enumerate(counts)) / 14
+    assert float((together.result()["b"].double() - direct).abs().max()) <= 1e-7
+    with pytest.raises(ValueError, match="positive example count"):
+        together.add_stacked(stacked, [1, 0, 1, 1, 1], metrics)
+    with pytest.raises(ValueError, match="shapes"):
+        together.add_stacked({"w": stacked["w"][:, :2], "b": stacked["b"]}, counts, metrics)
