@@ -29,9 +29,9 @@ class Run:
 
     @property
     def label(self) -> str:
-        if self.backend != "inprocess":
+        if self.backend == "bare":
             return self.backend
-        return "inprocess (all cores)" if self.workers == 0 else f"inprocess workers={self.workers}"
+        return f"{self.backend} (all cores)" if self.workers == 0 else f"{self.backend} workers={self.workers}"
 
     @property
     def key(self) -> str:
@@ -85,7 +85,7 @@ WORKLOADS: dict[str, Workload] = {
                 Run(BARE),
                 Run("inprocess", workers=0, target_ratio=1.2),
                 Run("inprocess", workers=1, target_ratio=1.2),
-                Run("vectorized", target_ratio=0.33),
+                Run("vectorized", workers=0, target_ratio=0.33),
             ),
             repeats=3,
         ),

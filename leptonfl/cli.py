@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=0,
-        help="inprocess: worker processes, one intra-op thread each (default 0: one per core)",
+        help="inprocess: worker processes, one intra-op thread each; vectorized: intra-op threads "
+        "(default 0: one per core)",
     )
     sim.add_argument(
         "--ray-address",

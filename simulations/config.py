@@ -29,6 +29,7 @@ class SimulationConfig:
     round_timeout_s: float = 300.0
     privacy: PrivacySettings = PrivacySettings()  # with central DP, clients_per_round is the expected K
     # inprocess: worker processes (0 = one per available core; 1 = this process only);
+    # vectorized: torch intra-op threads for its batched steps (0 = one per core);
     # ray: actors (0 = one per CPU of the cluster)
     workers: int = 1
     # ray: an existing cluster (auto, HOST:PORT, ray://HOST:10001); None: $RAY_ADDRESS or a local instance

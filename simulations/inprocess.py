@@ -273,18 +273,23 @@ def _evaluate(trainer: LocalTrainer, weights: dict[str, torch.Tensor], clients: 
 
 
 @contextlib.contextmanager
-def one_intra_op_thread() -> Iterator[None]:
-    """One torch intra-op thread while simulating, the caller's setting restored after.
-
-    Many small models: a second intra-op thread costs more than it gives (its pool is started
-    and spins between tiny ops) and fights the workers for cores; parallelism comes from
-    worker processes instead. Everything from the initial weights on runs inside this."""
+def intra_op_threads(count: int) -> Iterator[None]:
+    """`count` torch intra-op threads inside the block, the caller's setting restored after."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_intra_op_thread() -> contextlib.AbstractContextManager[None]:
+    """One torch intra-op thread while simulating.
+
+    Many small models: a second intra-op thread costs more than it gives (its pool is started
+    and spins between tiny ops) and fights the workers for cores; parallelism comes from
+    worker processes instead. Everything from the initial weights on runs inside this."""
+    return intra_op_threads(1)
 
 
 def run_inprocess(

@@ -55,7 +55,7 @@ from client_sdk.training import sgd
 from simulations.apps import App, loader
 from simulations.batching import loader_orders, shuffled_orders
 from simulations.config import SimulationConfig
-from simulations.inprocess import Progress, client_seed, one_intra_op_thread, run_inprocess
+from simulations.inprocess import Progress, client_seed, intra_op_threads, one_intra_op_thread, run_inprocess
 from simulations.inprocess import evaluation_sums as stacked_evaluation_sums
 from simulations.report import RoundRecord
 from strategies import ClientUpdate, RoundAggregate
@@ -102,6 +102,9 @@ class VectorizedPool:
 
     def __init__(self, config: SimulationConfig, trainer: _VectorTrainer) -> None:
         self.config, self.trainer = config, trainer
+        # One process; its cores come in through torch's intra-op threads, which pay off here
+        # (a step is one batched op over every client of a group, not many tiny ones).
+        self.threads = config.worker_count()
 
     def train(
         self,
@@ -116,9 +119,10 @@ class VectorizedPool:
         batch_size = int(client_config.get("batch_size", 32))
         epochs = int(client_config.get("local_epochs", 1))
         plans = [self.trainer.plan(self.config, number, client, batch_size, epochs) for client in clients]
-        for group, params, metrics in self.trainer.train_groups(plans, weights, client_config):
-            # A group's updates folded together (one contraction per tensor for FedAvg's sum).
-            aggregate.add_stacked(params, [plans[i].examples for i in group], metrics)
+        with intra_op_threads(self.threads):
+            for group, params, metrics in self.trainer.train_groups(plans, weights, client_config):
+                # A group's updates folded together (one contraction per tensor for FedAvg's sum).
+                aggregate.add_stacked(params, [plans[i].examples for i in group], metrics)
         # Clients train together: each is charged an equal share of the round's training time.
         share = (time.perf_counter() - started) / max(1, len(clients))
         return [(aggregate, [share] * len(clients))]
