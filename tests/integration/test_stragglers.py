@@ -97,8 +97,10 @@ def test_dropouts_every_round_completes_by_its_deadline_with_the_quorum(daemon: 
             clients_per_round=QUORUM,
             min_clients=QUORUM,
             round_timeout_s=TIMEOUT_S,
-            # 16 selected: even if all 6 that vanish are picked, 10 can still answer.
-            over_selection=0.6,
+            # Over-select every online client (ceil(10 × 2.0) = 20) and close at the quorum of
+            # 10: each vanishing client is then surely picked in the round it is due to vanish
+            # in (a random sample of 16 could pass it over, and the dropout would not happen).
+            over_selection=1.0,
         )
         clients = {i: _client(daemon.address, run.run_id, w, i) for i, w in workers.items()}
         for client in clients.values():
