@@ -4,9 +4,11 @@ Depends only on `protos` and torch/grpc; never on the server or the simulation h
 """
 
 from client_sdk.client import ClientStats, FederatedClient
+from client_sdk.enrollment import Enrollment, enroll
 from client_sdk.errors import (
     AuthenticationError,
     ConnectionFailed,
+    EnrollmentRefused,
     LeptonError,
     ProtocolMismatch,
     RoundClosed,
@@ -26,6 +28,8 @@ __all__ = [
     "Backoff",
     "ClientStats",
     "ConnectionFailed",
+    "Enrollment",
+    "EnrollmentRefused",
     "EvalResult",
     "FederatedClient",
     "FitResult",
@@ -34,6 +38,7 @@ __all__ = [
     "PrivacyBudgetExhausted",
     "UnsupportedModelError",
     "check_model",
+    "enroll",
     "ProtocolMismatch",
     "RoundClosed",
     "RunNotFound",

@@ -8,6 +8,7 @@ LeptonError
 ├── UpdateRejected        the server refused an update or report as invalid
 ├── RoundClosed           a result arrived after its round closed (slow client)
 ├── TrainingError         the app's own training or evaluation code raised
+├── EnrollmentRefused     an enrollment token or request was refused (expired, used, foreign)
 ├── UnsupportedModelError local DP: a layer Opacus cannot privatise (client_sdk.privacy)
 ├── PrivacyBudgetExhausted local DP: the next round would exceed the target epsilon
 └── ServerError           anything else the server answered (status code kept)
@@ -51,6 +52,10 @@ class RoundClosed(LeptonError):
 
 
 class TrainingError(LeptonError):
+    pass
+
+
+class EnrollmentRefused(LeptonError):
     pass
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from leptonfl import __version__
 
 DEFAULT_SERVER_HELP = "HOST:PORT of the daemon (default: $LEPTONFL_SERVER, else 127.0.0.1:9721)"
+ENROLLMENT_TOKEN_ENV = "LEPTONFL_ENROLLMENT_TOKEN"
 
 
 class CommandError(Exception):
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve plaintext without authentication (loopback demos and trusted networks only)",
     )
     start.add_argument("--metrics-address", help="serve Prometheus metrics at HOST:PORT/metrics (default: off)")
+    start.add_argument(
+        "--enroll-address",
+        help="serve enrollment (one-time tokens for client certificates) at HOST:PORT; needs --tls-dir "
+        "with ca.key (default: off)",
+    )
+    start.add_argument("--enroll-rate", type=float, help="enrollments per second per peer (default 1, bursts of 5)")
     start.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
     start.add_argument("--join-rate", type=float, help="joins per second per peer (default 2, bursts of 10)")
     start.add_argument("--upload-rate", type=float, help="uploads per second per client (default 2, bursts of 10)")
@@ -228,6 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument(
         "--rotate", action="store_true", help="revoke the client's current certificate and issue a new one"
     )
+    issue.add_argument(
+        "--enrollment-token",
+        action="store_true",
+        help="print a one-time token instead of writing a key: the client makes its own key and trades the "
+        "token for a certificate with `certs enroll` at the daemon's --enroll-address",
+    )
+    issue.add_argument(
+        "--token-ttl", type=float, default=3600.0, help="seconds the enrollment token stays valid (default 3600)"
+    )
+    enroll = certs_cmds.add_parser("enroll", help="on a client: trade an enrollment token for a certificate")
+    enroll.add_argument("--server", required=True, help="HOST:PORT of the daemon's enrollment port (--enroll-address)")
+    enroll.add_argument("--ca", required=True, help="the deployment's ca.pem, to verify the daemon")
+    enroll.add_argument("--out", required=True, metavar="DIR", help="writes DIR/ca.pem and DIR/clients/NAME.pem/key")
+    enroll.add_argument("--token", help=f"the enrollment token (default: ${ENROLLMENT_TOKEN_ENV}; safer than argv)")
     revoke = certs_cmds.add_parser("revoke", help="revoke a client's certificate (the daemon reloads crl.pem)")
     revoke.add_argument("name")
     revoke.add_argument("--dir", required=True)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from leptonfl.cli import CommandError
+from leptonfl.cli import ENROLLMENT_TOKEN_ENV, CommandError
 
 if TYPE_CHECKING:  # the heavy imports stay lazy so `leptonfl --help` is instant
     from protos.channels import TLSFiles
@@ -144,6 +144,8 @@ def server(args: argparse.Namespace) -> int:
             "join_rate",
             "upload_rate",
             "metrics_address",
+            "enroll_address",
+            "enroll_rate",
             "log_format",
         )
     }
@@ -421,6 +423,7 @@ def client(args: argparse.Namespace) -> int:
 # certs -------------------------------------------------------------------------------------
 def certs(args: argparse.Namespace) -> int:
     from server import provisioning
+    from server.enrollment import issue_token
 
     try:
         if args.certs_command == "init":
@@ -430,25 +433,50 @@ def certs(args: argparse.Namespace) -> int:
             print(f"start the daemon with --tls-dir {args.dir}; operators use --certs {args.dir}", file=sys.stderr)
         elif args.certs_command == "client":
             directory = Path(args.dir)
-            current = directory / "clients" / f"{args.name}.pem"
-            if args.rotate and current.exists():
-                serial = provisioning.revoke(directory, current)
-                for suffix in (".pem", ".key"):
-                    current.with_suffix(suffix).rename(current.with_suffix(f"{suffix}.revoked-{serial:x}"))
+            if args.rotate and (directory / "clients" / f"{args.name}.pem").exists():
+                serial = provisioning.revoke_client(directory, args.name)
                 print(f"revoked the previous certificate of {args.name} (serial {serial:x})", file=sys.stderr)
-            credential = provisioning.issue_client(directory, args.name, args.days)
-            print(f"client {args.name}: {credential.cert} (key {credential.key}, mode 0600)", file=sys.stderr)
+            if args.enrollment_token:
+                token = issue_token(directory, args.name, ttl_s=args.token_ttl, days=args.days)
+                print(token)  # stdout alone, for scripts; it is a secret until used or expired
+                print(
+                    f"enrollment token for {args.name}: valid once, for {args.token_ttl:g} s; on the client run "
+                    f"`leptonfl certs enroll --server HOST:ENROLL_PORT --ca ca.pem --out DIR` with it in "
+                    f"${ENROLLMENT_TOKEN_ENV}",
+                    file=sys.stderr,
+                )
+            else:
+                credential = provisioning.issue_client(directory, args.name, args.days)
+                print(f"client {args.name}: {credential.cert} (key {credential.key}, mode 0600)", file=sys.stderr)
+        elif args.certs_command == "enroll":
+            return _enroll(args)
         else:
-            current = Path(args.dir) / "clients" / f"{args.name}.pem"
-            serial = provisioning.revoke(Path(args.dir), current)
-            for suffix in (".pem", ".key"):  # so the name can be issued again
-                current.with_suffix(suffix).rename(current.with_suffix(f"{suffix}.revoked-{serial:x}"))
+            serial = provisioning.revoke_client(Path(args.dir), args.name)
             print(
                 f"revoked {args.name} (serial {serial:x}); a running daemon reloads crl.pem within a second",
                 file=sys.stderr,
             )
     except (provisioning.ProvisioningError, OSError) as exc:
         raise CommandError(str(exc)) from exc
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    """On the client: trade a one-time token for a certificate, keeping the key on this machine."""
+    from client_sdk import LeptonError, enroll
+
+    token = args.token or os.environ.get(ENROLLMENT_TOKEN_ENV, "")
+    if not token:
+        raise CommandError(f"give the enrollment token in ${ENROLLMENT_TOKEN_ENV} (or --token)")
+    try:
+        enrolled = enroll(args.server, token.strip(), Path(args.ca), Path(args.out))
+    except LeptonError as exc:
+        raise CommandError(str(exc)) from exc
+    print(
+        f"enrolled as {enrolled.name}: {enrolled.tls.cert} (key {enrolled.tls.key}, mode 0600); run "
+        f"`leptonfl client --certs {args.out} --name {enrolled.name} ...`",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -45,6 +45,11 @@ class ServerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     crl: str = ""
+    # HOST:PORT of the enrollment port (server-authenticated TLS only, the Enrollment service
+    # alone), where clients trade a one-time token for a certificate. Needs `tls_dir` with
+    # the CA key (ca.key). Empty: off.
+    enroll_address: str = ""
+    enroll_rate: float = 1.0  # enrollments per second per peer address (bursts of 5)
     metrics_address: str = ""  # HOST:PORT of the Prometheus /metrics endpoint; empty: off
     log_format: str = "text"  # or "json": one JSON object per line
     join_rate: float = 2.0  # Joins per second per peer (bursts of 10)

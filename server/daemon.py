@@ -11,12 +11,13 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos.v1 import control_pb2_grpc, fleet_pb2_grpc
+from protos.v1 import control_pb2_grpc, enrollment_pb2_grpc, fleet_pb2_grpc
 from server.auth import Authorizer
 from server.checkpoints import CheckpointStore
 from server.config import ServerConfig
@@ -24,6 +25,7 @@ from server.engine import EngineConfig, RoundEngine
 from server.memory import tune_malloc
 from server.metrics import DaemonMetrics
 from server.servicers.control import ControlServicer
+from server.servicers.enrollment import EnrollmentServicer
 from server.servicers.fleet import FleetServicer
 from server.store import Store
 
@@ -81,6 +83,20 @@ class Daemon:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self.address = ""
+        self.enroll_address = ""
+        self._enroll_server = self._enrollment_server() if config.enroll_address else None
+
+    def _enrollment_server(self) -> grpc.Server:
+        """A second server for the Enrollment service alone: its callers have no certificate yet."""
+        if self.tls is None or not self.config.tls_dir:
+            raise ValueError("--enroll-address needs --tls-dir: the certificates dir whose CA key signs enrollments")
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="enroll"),
+            options=[("grpc.max_receive_message_length", 64 << 10)],
+        )
+        servicer = EnrollmentServicer(self.store, Path(self.config.tls_dir), self.metrics, self.config.enroll_rate)
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(servicer, server)
+        return server
 
     def start(self) -> str:
         host, _, _ = self.config.address.rpartition(":")
@@ -102,6 +118,8 @@ class Daemon:
                 self.address,
             )
         self._server.start()
+        if self._enroll_server is not None:
+            self.enroll_address = self._start_enrollment()
         self.engine.start()
         for service in ("", "leptonfl.v1.Fleet", "leptonfl.v1.Control"):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -119,10 +137,24 @@ class Daemon:
         )
         return self.address
 
+    def _start_enrollment(self) -> str:
+        assert self.tls is not None and self._enroll_server is not None
+        cert, key, _, _ = self.tls
+        credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        port = self._enroll_server.add_secure_port(self.config.enroll_address, credentials)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.enroll_address}")
+        self._enroll_server.start()
+        address = f"{self.config.enroll_address.rpartition(':')[0]}:{port}"
+        log.info("enrollment (one-time tokens for client certificates) on %s", address)
+        return address
+
     def stop(self, grace: float | None = None) -> None:
         grace = self.config.shutdown_grace_s if grace is None else grace
         log.info("stopping: no new RPCs, %.0f s grace for in-flight ones", grace)
         self.health.enter_graceful_shutdown()
+        if self._enroll_server is not None:
+            self._enroll_server.stop(0)
         done = self._server.stop(grace)
         self.engine.stop()
         done.wait(grace + 1)

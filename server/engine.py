@@ -204,6 +204,15 @@ class RunState:
     waiting_since: float | None = None
 
 
+def check_protocol(protocol_version: int) -> None:
+    """Refuse a client of another protocol version, naming both (FAILED_PRECONDITION)."""
+    if protocol_version != PROTOCOL_VERSION:
+        raise FailedPrecondition(
+            f"client speaks Lepton FL protocol v{protocol_version}, this server speaks "
+            f"v{PROTOCOL_VERSION}; upgrade the older side"
+        )
+
+
 class RoundEngine:
     def __init__(
         self,
@@ -361,11 +370,7 @@ class RoundEngine:
         With mTLS, `identity` (the certificate's common name) fixes the client id, so a
         certificate always maps to the same client and can act only as that client.
         """
-        if protocol_version != PROTOCOL_VERSION:
-            raise FailedPrecondition(
-                f"client speaks Lepton FL protocol v{protocol_version}, this server speaks "
-                f"v{PROTOCOL_VERSION}; upgrade the older side"
-            )
+        check_protocol(protocol_version)
         _check_text("app", app, required=True)
         _check_text("name", name)
         _check_text("run_id", run_id, limit=64)

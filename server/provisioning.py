@@ -26,7 +26,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from protos.channels import write_private_key
 
 ROLE_CLIENT, ROLE_OPERATOR, ROLE_SERVER = "client", "operator", "server"
 DEFAULT_DAYS = 365
@@ -44,17 +47,6 @@ class Credential:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -82,25 +74,26 @@ def load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
     return cert, key
 
 
-def _issue(
-    directory: Path,
-    stem: Path,
+def sign_certificate(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    public_key: CertificatePublicKeyTypes,
     common_name: str,
     role: str,
     days: int,
     hosts: Sequence[str] = (),
     not_before: dt.datetime | None = None,
-) -> Credential:
-    ca_cert, ca_key = load_ca(directory)
-    key = ec.generate_private_key(ec.SECP256R1())
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A certificate for `public_key` naming `common_name` in `role`, signed by the CA."""
+    ca_cert, ca_key = ca
     start = not_before or _now() - dt.timedelta(minutes=5)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if role == ROLE_SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name, role))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .public_key(public_key)
+        .serial_number(serial or x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -114,9 +107,22 @@ def _issue(
             except ValueError:
                 names.append(x509.DNSName(host))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _issue(
+    directory: Path,
+    stem: Path,
+    common_name: str,
+    role: str,
+    days: int,
+    hosts: Sequence[str] = (),
+    not_before: dt.datetime | None = None,
+) -> Credential:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_certificate(load_ca(directory), key.public_key(), common_name, role, days, hosts, not_before)
     credential = Credential(stem.with_suffix(".pem"), stem.with_suffix(".key"))
-    _write_key(credential.key, key)
+    write_private_key(credential.key, key)
     _write_cert(credential.cert, cert)
     return credential
 
@@ -156,7 +162,7 @@ def init_ca(directory: Path, hosts: Sequence[str], days: int = 3650) -> dict[str
         .sign(key, hashes.SHA384())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    _write_key(directory / "ca.key", key)
+    write_private_key(directory / "ca.key", key)
     _write_cert(directory / "ca.pem", cert)
     write_crl(directory, [])
     return {
@@ -170,14 +176,20 @@ def issue_client(
     directory: Path, name: str, days: int = DEFAULT_DAYS, not_before: dt.datetime | None = None
 ) -> Credential:
     """A client certificate whose common name `name` becomes the client's identity."""
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-        raise ProvisioningError("client names are 1-64 letters, digits, '-', '_' or '.'")
-    stem = directory / "clients" / name
-    if stem.with_suffix(".pem").exists():
+    check_new_client(directory, name)
+    return _issue(directory, directory / "clients" / name, name, ROLE_CLIENT, days, not_before=not_before)
+
+
+def check_new_client(directory: Path, name: str) -> None:
+    """Refuse a malformed client name, or one that already has a (non-revoked) certificate."""
+    if not name or len(name) > 64 or not name[0].isalnum() or not all(c.isalnum() or c in "-_." for c in name):
+        raise ProvisioningError(
+            "client names are 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    if (directory / "clients" / f"{name}.pem").exists():
         raise ProvisioningError(
             f"client {name!r} already has a certificate; replace it with `leptonfl certs client {name} --rotate`"
         )
-    return _issue(directory, stem, name, ROLE_CLIENT, days, not_before=not_before)
 
 
 def revoked_serials(directory: Path) -> list[int]:
@@ -213,4 +225,17 @@ def revoke(directory: Path, cert_path: Path) -> int:
     serials = revoked_serials(directory)
     if serial not in serials:
         write_crl(directory, [*serials, serial])
+    return serial
+
+
+def revoke_client(directory: Path, name: str) -> int:
+    """Revoke client `name`'s certificate and set its files aside (`NAME.pem.revoked-SERIAL`),
+    so the name can be issued again; returns the revoked serial number."""
+    current = directory / "clients" / f"{name}.pem"
+    if not current.exists():
+        raise ProvisioningError(f"client {name!r} has no certificate in {current.parent}")
+    serial = revoke(directory, current)
+    for path in (current, current.with_suffix(".key")):  # enrolled clients keep their key: no .key here
+        if path.exists():
+            path.rename(path.with_name(f"{path.name}.revoked-{serial:x}"))
     return serial

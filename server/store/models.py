@@ -126,3 +126,15 @@ class AcceptedUpdateRow(Base):
     path: Mapped[str] = mapped_column(String(1000))
     sha256: Mapped[str] = mapped_column(String(64))
     accepted_at: Mapped[datetime]
+
+
+class EnrollmentRow(Base):
+    """An enrollment token that has been redeemed (its certificate's serial in hex): a
+    token's id may appear once, which is what makes each token single-use."""
+
+    __tablename__ = "enrollments"
+
+    token_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_name: Mapped[str] = mapped_column(String(64))
+    serial: Mapped[str] = mapped_column(String(64))
+    enrolled_at: Mapped[datetime]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.store.db import ensure_schema, open_engine
@@ -21,6 +22,7 @@ from server.store.models import (
     AcceptedUpdateRow,
     CheckpointRow,
     ClientRow,
+    EnrollmentRow,
     OpenRoundRow,
     ParticipationRow,
     RoundRow,
@@ -370,6 +372,19 @@ class Store:
             if row is None:
                 return None
             return ClientRecord(row.id, row.name, row.app, row.run_filter, row.token_sha256)
+
+    # enrollment -----------------------------------------------------------------------
+    def redeem_enrollment(self, token_id: str, client_name: str, serial: int) -> bool:
+        """Record that a token bought the certificate `serial`; False if it was redeemed before.
+        The primary key decides, so two concurrent redemptions cannot both succeed."""
+        try:
+            with self._session() as s, s.begin():
+                s.add(
+                    EnrollmentRow(token_id=token_id, client_name=client_name, serial=f"{serial:x}", enrolled_at=now())
+                )
+        except IntegrityError:
+            return False
+        return True
 
 
 def _drop_open_round(s: Session, run_id: str) -> None:
