@@ -11,6 +11,7 @@ nothing else; the CLI flow issues, enrolls and revokes.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import threading
@@ -24,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from client_sdk import EnrollmentRefused, FederatedClient, enroll
 from protos import PROTOCOL_VERSION
@@ -174,6 +177,67 @@ def test_bad_tokens_and_requests_get_precise_codes_and_burn_no_token(tmp_path, p
     assert isinstance(reply, enrollment_pb2.EnrollResponse) and reply.client_name == "dave"
     counted = daemon.metrics.rpc_rejections.labels("Enroll", "INVALID_ARGUMENT")._value.get()
     assert counted == 6
+
+
+PRECISE = {"INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
+
+
+@st.composite
+def _mutated(draw: st.DrawFn, valid: str) -> str:
+    """A valid token with one character replaced, dropped or repeated."""
+    i = draw(st.integers(0, len(valid) - 1))
+    kind = draw(st.sampled_from(["replace", "drop", "repeat"]))
+    if kind == "replace":
+        return valid[:i] + draw(st.characters(codec="utf-8")) + valid[i + 1 :]
+    return valid[:i] + valid[i + 1 :] if kind == "drop" else valid[: i + 1] + valid[i:]
+
+
+def _same_token(token: str, valid: str) -> bool:
+    """Equal, or a non-canonical base64 spelling of the same bytes (which is the same token)."""
+    try:
+        decoded = [
+            base64.b64decode(p + "=" * (-len(p) % 4), altchars=b"-_", validate=True) for p in token.split(".")[1:]
+        ]
+    except ValueError:
+        return False
+    return token.split(".")[0] == "lfe1" and decoded == [
+        base64.b64decode(p + "=" * (-len(p) % 4), altchars=b"-_") for p in valid.split(".")[1:]
+    ]
+
+
+def test_fuzzed_tokens_and_requests_get_precise_codes_and_spend_nothing(tmp_path, pki, daemon):
+    valid = issue_token(pki, "fuzzed")
+    good_csr = csr_pem()
+    credentials = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes())
+    channel = grpc.secure_channel(daemon.enroll_address, credentials)
+    stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+    seen: set[str] = set()
+
+    @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(
+        token=st.one_of(st.text(max_size=300), _mutated(valid)),
+        csr=st.one_of(st.binary(max_size=300), st.just(good_csr), st.binary(max_size=40).map(lambda b: good_csr + b)),
+    )
+    def one(token: str, csr: bytes) -> None:
+        if _same_token(token, valid) and csr.startswith(good_csr):
+            return  # the one request that would (rightly) succeed: kept for the end
+        request = enrollment_pb2.EnrollRequest(protocol_version=PROTOCOL_VERSION, token=token, csr_pem=csr)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Enroll(request, timeout=5)
+        assert info.value.code().name in PRECISE, (token, csr, info.value.details())
+        seen.add(info.value.code().name)
+
+    try:
+        one()
+        assert {"INVALID_ARGUMENT", "UNAUTHENTICATED"} <= seen
+        # Nothing was spent or written; the daemon still enrolls with the untouched token.
+        assert not (pki / "clients" / "fuzzed.pem").exists()
+        reply = stub.Enroll(
+            enrollment_pb2.EnrollRequest(protocol_version=PROTOCOL_VERSION, token=valid, csr_pem=good_csr)
+        )
+        assert reply.client_name == "fuzzed"
+    finally:
+        channel.close()
 
 
 def test_enrollment_is_rate_limited_per_peer(tmp_path, pki):
