@@ -90,6 +90,11 @@ class Daemon:
         """A second server for the Enrollment service alone: its callers have no certificate yet."""
         if self.tls is None or not self.config.tls_dir:
             raise ValueError("--enroll-address needs --tls-dir: the certificates dir whose CA key signs enrollments")
+        if not (Path(self.config.tls_dir) / "ca.key").exists():
+            raise ValueError(
+                f"--enroll-address needs the CA key {Path(self.config.tls_dir) / 'ca.key'} to sign client "
+                "certificates (see docs/security.md#enrollment-tokens); without it, provision clients offline"
+            )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="enroll"),
             options=[("grpc.max_receive_message_length", 64 << 10)],

@@ -277,9 +277,12 @@ def test_the_enrollment_port_serves_only_enrollment(pki, daemon):
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_enrollment_needs_the_certificates_dir(tmp_path):
+def test_enrollment_needs_the_certificates_dir_with_the_ca_key(tmp_path, pki):
     with pytest.raises(ValueError, match="--enroll-address needs --tls-dir"):
         start_daemon(tmp_path / "data", enroll_address="127.0.0.1:0")
+    (pki / "ca.key").rename(tmp_path / "offline-ca.key")
+    with pytest.raises(ValueError, match="needs the CA key .*ca.key"):
+        start_daemon(tmp_path / "data", insecure=False, tls_dir=str(pki), enroll_address="127.0.0.1:0")
 
 
 def leptonfl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
