@@ -436,7 +436,9 @@ class RoundEngine:
     def task_model(self, client_id: str, task_id: str) -> Mapping[str, torch.Tensor]:
         with self._lock:
             task = self._tasks.get(task_id)
-            if task is None or task.client_id != client_id:
+            if task is None:  # its round closed (or the run ended) since the client got it: a late client
+                raise FailedPrecondition(f"task {task_id!r} is unknown or expired (its round is closed)")
+            if task.client_id != client_id:
                 raise NotFound(f"no task {task_id!r} for this client")
             state = self._runs.get(task.run_id)
             if state is None:
@@ -475,6 +477,12 @@ class RoundEngine:
         try:
             relative = self.checkpoints.update_path(task.run_id, task.round, client_id)
             weights = self._spool(header, expected, chunks, limits, relative)
+        except FileNotFoundError:
+            # The round closed while this update streamed, and its spool directory went with it:
+            # a late result (FAILED_PRECONDITION), not a fault of the daemon.
+            with self._lock:
+                self._still_open(task, TRAIN, key)
+            raise
         finally:
             self._upload_slots.release()
         try:

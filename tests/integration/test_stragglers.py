@@ -17,14 +17,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 from client_sdk import Backoff, FederatedClient
 from client_sdk.training import EvalResult, FitResult
+from protos.v1 import fleet_pb2 as pb
 from server.control_client import ControlClient, status_name
 from server.daemon import Daemon
-from tests.conftest import start_daemon
+from tests.conftest import start_daemon, tiny_weights
+from tests.integration.rawclient import RawClient, update_messages
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -85,27 +88,34 @@ def test_dropouts_every_round_completes_by_its_deadline_with_the_quorum(daemon: 
         i: Worker(
             i,
             delay_s=1.5 if i in slow else rng.uniform(0.05, 0.3),
-            vanish_in_round=rng.randint(1, ROUNDS - 1) if i in vanishing else None,
+            # Its first or second task: a client may miss a round (it asked for work after the
+            # round closed at its quorum) and still vanish before the run ends.
+            vanish_in_round=rng.randint(1, 2) if i in vanishing else None,
         )
         for i in range(POPULATION)
     }
+    # The whole population is online before the run exists, so round 1 can pick anyone.
+    clients = {i: _client(daemon.address, "", w, i) for i, w in workers.items()}
+    for client in clients.values():
+        client.start()
     with ControlClient(daemon.address) as control:
-        run = control.create_run(
-            app="dropout-test",
-            weights={"w": torch.zeros(4, 2)},
-            num_rounds=ROUNDS,
-            clients_per_round=QUORUM,
-            min_clients=QUORUM,
-            round_timeout_s=TIMEOUT_S,
-            # Over-select every online client (ceil(10 × 2.0) = 20) and close at the quorum of
-            # 10: each vanishing client is then surely picked in the round it is due to vanish
-            # in (a random sample of 16 could pass it over, and the dropout would not happen).
-            over_selection=1.0,
-        )
-        clients = {i: _client(daemon.address, run.run_id, w, i) for i, w in workers.items()}
-        for client in clients.values():
-            client.start()
         try:
+            deadline = time.monotonic() + 30
+            while daemon.engine.online_count() < POPULATION:
+                assert time.monotonic() < deadline, f"only {daemon.engine.online_count()} clients came online"
+                time.sleep(0.05)
+            run = control.create_run(
+                app="dropout-test",
+                weights={"w": torch.zeros(4, 2)},
+                num_rounds=ROUNDS,
+                clients_per_round=QUORUM,
+                min_clients=QUORUM,
+                round_timeout_s=TIMEOUT_S,
+                # Over-select every online client (ceil(10 × 2.0) = 20) and close at the quorum
+                # of 10: a vanishing client is picked in every round while it is still there
+                # (a random sample of 16 could pass it over, and the dropout would not happen).
+                over_selection=1.0,
+            )
             deadline = time.monotonic() + 180
             while status_name(control.get_run(run.run_id).run) == "running" and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -155,3 +165,75 @@ def test_training_longer_than_the_liveness_timeout_keeps_the_client_in_its_round
         detail = control.get_run(run.run_id)
     assert status_name(detail.run) == "completed"
     assert [(r.round, r.num_clients) for r in detail.rounds] == [(1, 2)]
+
+
+def test_an_upload_still_streaming_when_its_round_commits_hears_round_closed(tmp_path: Path) -> None:
+    """The commit deletes the round's spool directory under an upload that is still
+    streaming: that client is late (FAILED_PRECONDITION, which the SDK takes in its stride),
+    not a victim of an internal error."""
+    d = start_daemon(tmp_path / "data")
+    try:
+        fast, slow = RawClient(d.address, name="fast"), RawClient(d.address, name="slow")
+        with ControlClient(d.address) as control:
+            # Both selected (ceil(1 × 2.0) = 2); the round closes at the first update.
+            run = control.create_run(
+                app="tiny", weights=tiny_weights(), num_rounds=2, clients_per_round=1, min_clients=1, over_selection=1.0
+            )
+        fast_task, slow_task = fast.wait_task(), slow.wait_task()
+        messages = update_messages(slow_task, tiny_weights(1), 5)
+        spool = d.engine.checkpoints.root / "updates" / run.run_id / f"round-{slow_task.round:05d}"
+        go = threading.Event()
+
+        def stalled() -> Iterator[Any]:
+            yield from messages[:2]  # the header and a first chunk: the spool file is open
+            go.wait(20)
+            yield from messages[2:]
+
+        outcome: list[tuple[grpc.StatusCode, str]] = []
+
+        def upload() -> None:
+            try:
+                slow.upload_messages(stalled())
+            except grpc.RpcError as exc:
+                outcome.append((exc.code(), exc.details() or ""))
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        _wait(lambda: list(spool.glob(".*.part")), "the slow upload to open its spool file")
+        assert fast.upload(fast_task, tiny_weights(2), 5).accepted
+        _wait(lambda: not spool.exists(), "the commit to delete the round's spool directory")
+        go.set()
+        thread.join(20)
+        fast.close()
+        slow.close()
+    finally:
+        d.stop(grace=0.5)
+    assert len(outcome) == 1 and outcome[0][0] == grpc.StatusCode.FAILED_PRECONDITION, outcome
+    assert "closed" in outcome[0][1]
+
+
+def _wait(condition: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_client_fetching_the_model_of_a_task_whose_run_ended_hears_round_closed(tmp_path: Path) -> None:
+    """Not NOT_FOUND, which the SDK reports as a vanished run and stops on: the client was late."""
+    d = start_daemon(tmp_path / "data")
+    try:
+        client = RawClient(d.address)
+        with ControlClient(d.address) as control:
+            run = control.create_run(
+                app="tiny", weights=tiny_weights(), num_rounds=1, clients_per_round=1, min_clients=1
+            )
+            task = client.wait_task()
+            control.cancel_run(run.run_id)
+        with pytest.raises(grpc.RpcError) as late:
+            list(client.stub.DownloadModel(pb.DownloadModelRequest(task_id=task.task_id), metadata=client.metadata))
+        client.close()
+    finally:
+        d.stop(grace=0.5)
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION, late.value
+    assert "expired" in (late.value.details() or "")
