@@ -73,6 +73,8 @@ class Daemon:
                 # Clients may ping every 20 s during long local training without being cut off.
                 ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # A second daemon on a taken port must fail to start, not share (split) its clients.
+                ("grpc.so_reuseport", 0),
             ],
         )
         fleet = FleetServicer(self.engine, config.chunk_bytes, authorizer, config.join_rate, config.upload_rate)
@@ -97,7 +99,7 @@ class Daemon:
             )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="enroll"),
-            options=[("grpc.max_receive_message_length", 64 << 10)],
+            options=[("grpc.max_receive_message_length", 64 << 10), ("grpc.so_reuseport", 0)],
         )
         servicer = EnrollmentServicer(self.store, Path(self.config.tls_dir), self.metrics, self.config.enroll_rate)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(servicer, server)
@@ -106,16 +108,13 @@ class Daemon:
     def start(self) -> str:
         host, _, _ = self.config.address.rpartition(":")
         if self.tls is None:
-            port = self._server.add_insecure_port(self.config.address)
+            credentials = None
         else:
             cert, key, ca, _ = self.tls
             credentials = grpc.ssl_server_credentials(
                 [(key.read_bytes(), cert.read_bytes())], root_certificates=ca.read_bytes(), require_client_auth=True
             )
-            port = self._server.add_secure_port(self.config.address, credentials)
-        if port == 0:
-            raise OSError(f"cannot listen on {self.config.address}")
-        self.address = f"{host}:{port}"
+        self.address = f"{host}:{_listen(self._server, self.config.address, credentials)}"
         if self.tls is None:
             log.warning(
                 "serving PLAINTEXT gRPC without authentication (--insecure): anyone who can reach %s can join "
@@ -146,9 +145,7 @@ class Daemon:
         assert self.tls is not None and self._enroll_server is not None
         cert, key, _, _ = self.tls
         credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
-        port = self._enroll_server.add_secure_port(self.config.enroll_address, credentials)
-        if port == 0:
-            raise OSError(f"cannot listen on {self.config.enroll_address}")
+        port = _listen(self._enroll_server, self.config.enroll_address, credentials)
         self._enroll_server.start()
         address = f"{self.config.enroll_address.rpartition(':')[0]}:{port}"
         log.info("enrollment (one-time tokens for client certificates) on %s", address)
@@ -165,6 +162,20 @@ class Daemon:
         done.wait(grace + 1)
         self.store.close()
         log.info("stopped")
+
+
+def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind `address` (port 0: any free one) and return the port; OSError when it is taken."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # what grpcio raises when bind() fails
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
 
 
 def _redact(url: str) -> str:

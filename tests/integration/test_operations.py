@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.control_client import ControlClient
@@ -107,3 +108,14 @@ def test_json_logs_and_server_status(tmp_path: Path) -> None:
         assert process.wait(10) == 0
     entries = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert any(e["level"] == "WARNING" and "PLAINTEXT" in e["message"] for e in entries)
+
+
+def test_a_second_daemon_on_a_taken_port_refuses_to_start(tmp_path: Path) -> None:
+    """gRPC would otherwise share the port (SO_REUSEPORT) and split the clients between two
+    daemons with different state."""
+    first = start_daemon(tmp_path / "one")
+    try:
+        with pytest.raises(OSError, match="cannot listen on"):
+            start_daemon(tmp_path / "two", address=first.address)
+    finally:
+        first.stop(grace=0.5)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -483,10 +484,14 @@ def test_the_daemon_refuses_to_start_without_tls_unless_insecure(tmp_path, caplo
 
 # 6. rate limits ---------------------------------------------------------------------------
 def test_joins_are_rate_limited_per_identity_and_the_sdk_waits_and_retries(
-    tmp_path, pki, daemons, peers, sdk_clients, caplog
+    tmp_path, pki, daemons, peers, sdk_clients, caplog, monkeypatch
 ):
     daemon = daemons(tmp_path / "data", pki, join_rate=1.0)
     alice = peers(daemon.address, client_tls(pki, "alice"))
+    # The limiter's clock stands still during the burst, so a slow disk (each mTLS Join
+    # commits a row) cannot refill a token between the joins and blur the count.
+    frozen = time.monotonic()
+    monkeypatch.setattr("server.auth.time", types.SimpleNamespace(monotonic=lambda: frozen))
     outcomes: list[grpc.StatusCode | None] = []
     for _ in range(12):
         try:
@@ -500,6 +505,7 @@ def test_joins_are_rate_limited_per_identity_and_the_sdk_waits_and_retries(
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "slow down" in details
     # The bucket is per certificate identity: bob is not throttled by alice's flood.
     assert peers(daemon.address, client_tls(pki, "bob")).join().client_id == "c-bob"
+    monkeypatch.undo()  # the clock runs again: alice's bucket refills at 1 per second
 
     # A throttled SDK client backs off and joins once a token is back (1 per second).
     with caplog.at_level(logging.WARNING, logger="leptonfl.client"):
