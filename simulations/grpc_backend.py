@@ -47,6 +47,10 @@ class DaemonProcess:
             "--data-dir",
             str(data_dir),
             "--insecure",  # loopback only: the harness and its clients share this machine
+            # All virtual clients join from 127.0.0.1, which plaintext mode rate-limits as one
+            # peer: let a whole population join at once instead of queueing behind the limit.
+            "--join-rate",
+            "1000",
             *(extra_args or []),
         ]
         self.process: subprocess.Popen[bytes] | None = None
