@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from client_sdk.privacy import LocalDP, PrivateTraining, check_model, empty_batch_safe
 from client_sdk.training import (
@@ -35,8 +35,11 @@ class TorchTrainer:
     """Wraps an `nn.Module`, its data and a training recipe.
 
     The server's task config may override the recipe per run: `local_epochs` replaces
-    `epochs`, `proximal_mu` turns on FedProx's proximal term, and the whole config reaches
-    `optimizer` (so `lr` can come from the run).
+    `epochs`, `batch_size` re-batches the training `DataLoader`'s dataset (same shuffling
+    and generator; loaders with a custom sampler, other iterables and local DP keep their
+    own batches), `proximal_mu` turns on FedProx's proximal term, and the whole config
+    reaches `optimizer` (so `lr` can come from the run). So a run trains clients with the
+    batch size the simulation backends use for the same config.
 
     With `privacy=LocalDP(...)` every fit trains with record-level DP-SGD through Opacus
     (see `client_sdk.privacy`): the model is validated up front (`UnsupportedModelError`,
@@ -72,6 +75,29 @@ class TorchTrainer:
         self.optimizer = optimizer
         self.epochs = epochs
         self.loss_fn = loss_fn
+        self._rebatched: dict[int, DataLoader[Any]] = {}
+
+    def _train_loader(self, config: Mapping[str, Any]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The training loader with the run's `batch_size`, when it has one and it can be applied."""
+        loader = self.train_loader
+        if "batch_size" not in config or not isinstance(loader, DataLoader) or loader.batch_size is None:
+            return loader
+        size = int(config["batch_size"])
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        if size == loader.batch_size or not isinstance(loader.sampler, RandomSampler | SequentialSampler):
+            return loader
+        if size not in self._rebatched:
+            self._rebatched[size] = DataLoader(
+                loader.dataset,
+                batch_size=size,
+                shuffle=isinstance(loader.sampler, RandomSampler),
+                generator=loader.generator,  # the same random stream the app seeded
+                collate_fn=loader.collate_fn,
+                drop_last=loader.drop_last,
+                num_workers=loader.num_workers,
+            )
+        return self._rebatched[size]
 
     def fit(self, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> FitResult:
         if self._private is not None:
@@ -80,7 +106,8 @@ class TorchTrainer:
         epochs = int(config.get("local_epochs", self.epochs))
         optimizer = self.optimizer(self.model.parameters(), config)
         mu = float(config.get("proximal_mu", 0.0))
-        examples, loss = train_epochs(self.model, lambda: self.train_loader, optimizer, epochs, self.loss_fn, mu)
+        train = self._train_loader(config)
+        examples, loss = train_epochs(self.model, lambda: train, optimizer, epochs, self.loss_fn, mu)
         if examples == 0:
             raise ValueError("the training data is empty")
         return FitResult(snapshot(self.model), examples, {"train_loss": loss})
