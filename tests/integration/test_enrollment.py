@@ -37,7 +37,7 @@ from server.control_client import ControlClient, ControlError, status_name
 from server.daemon import Daemon
 from server.enrollment import issue_token
 from server.provisioning import init_ca, issue_client, revoke_client
-from tests.conftest import ROOT, start_daemon
+from tests.conftest import ROOT, start_daemon, wait_until
 from tests.integration.test_tls import (
     APP,
     FAST,
@@ -46,7 +46,6 @@ from tests.integration.test_tls import (
     create_run,
     operator_tls,
     tiny_trainer,
-    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -36,7 +36,7 @@ from client_sdk import (
 from client_sdk.transport import FleetTransport
 from server.control_client import ControlClient, status_name
 from server.daemon import Daemon
-from tests.conftest import start_daemon
+from tests.conftest import start_daemon, wait_until
 
 APP = "tiny"
 FAST = Backoff(initial=0.1, maximum=0.5)
@@ -92,14 +92,6 @@ def create_run(address: str, **overrides: Any) -> Any:
 def run_status(address: str, run_id: str) -> str:
     with ControlClient(address, timeout=5) as control:
         return status_name(control.get_run(run_id).run)
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def run_bounded(client: FederatedClient, timeout: float) -> ClientStats:

@@ -26,7 +26,7 @@ from client_sdk.training import EvalResult, FitResult
 from protos.v1 import fleet_pb2 as pb
 from server.control_client import ControlClient, status_name
 from server.daemon import Daemon
-from tests.conftest import start_daemon, tiny_weights
+from tests.conftest import start_daemon, tiny_weights, wait_until
 from tests.integration.rawclient import RawClient, update_messages
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -199,9 +199,9 @@ def test_an_upload_still_streaming_when_its_round_commits_hears_round_closed(tmp
 
         thread = threading.Thread(target=upload)
         thread.start()
-        _wait(lambda: list(spool.glob(".*.part")), "the slow upload to open its spool file")
+        wait_until(lambda: list(spool.glob(".*.part")), 10, "the slow upload to open its spool file")
         assert fast.upload(fast_task, tiny_weights(2), 5).accepted
-        _wait(lambda: not spool.exists(), "the commit to delete the round's spool directory")
+        wait_until(lambda: not spool.exists(), 10, "the commit to delete the round's spool directory")
         go.set()
         thread.join(20)
         fast.close()
@@ -210,13 +210,6 @@ def test_an_upload_still_streaming_when_its_round_commits_hears_round_closed(tmp
         d.stop(grace=0.5)
     assert len(outcome) == 1 and outcome[0][0] == grpc.StatusCode.FAILED_PRECONDITION, outcome
     assert "closed" in outcome[0][1]
-
-
-def _wait(condition: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_a_client_fetching_the_model_of_a_task_whose_run_ended_hears_round_closed(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ from server.config import ServerConfig
 from server.control_client import ControlClient, ControlError, status_name
 from server.daemon import Daemon
 from server.provisioning import init_ca, issue_client, revoke, revoked_serials
-from tests.conftest import ROOT, start_daemon
+from tests.conftest import ROOT, start_daemon, wait_until
 from tests.integration.rawclient import update_messages
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,14 +90,6 @@ def rpc_error(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code(), info.value.details() or ""
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def create_run(address: str, pki: Path, **overrides: Any) -> control_pb2.Run:
