@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client_sdk.errors import ConnectionFailed, EnrollmentRefused, LeptonError, ProtocolMismatch
+from client_sdk.errors import ConnectionFailed, EnrollmentRefused, LeptonError, ProtocolMismatch, from_rpc_error
 from protos import PROTOCOL_VERSION
 from protos.channels import TLSFiles, write_private_key
 from protos.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -45,14 +45,12 @@ def enroll(address: str, token: str, ca: Path, out_dir: Path, timeout: float = 3
         with grpc.secure_channel(address, credentials) as channel:
             reply = enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(request, timeout=timeout)
     except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        message = f"enrollment at {address} failed: {details} ({code.name})"
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise ConnectionFailed(message, code.name) from exc
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            raise ProtocolMismatch(message, code.name) from exc
-        raise EnrollmentRefused(message, code.name) from exc
+        error = from_rpc_error(exc, f"enrollment at {address}")
+        if error.code == "DEADLINE_EXCEEDED":  # no answer in time: as unreachable as UNAVAILABLE
+            error = ConnectionFailed(str(error), error.code)
+        elif not isinstance(error, ConnectionFailed | ProtocolMismatch):  # the daemon said no
+            error = EnrollmentRefused(str(error), error.code)
+        raise error from exc
     stem = out_dir / "clients" / reply.client_name
     write_private_key(stem.with_suffix(".key"), key)
     stem.with_suffix(".pem").write_bytes(reply.certificate_pem)
