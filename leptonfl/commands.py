@@ -433,7 +433,7 @@ def certs(args: argparse.Namespace) -> int:
             print(f"start the daemon with --tls-dir {args.dir}; operators use --certs {args.dir}", file=sys.stderr)
         elif args.certs_command == "client":
             directory = Path(args.dir)
-            if args.rotate and (directory / "clients" / f"{args.name}.pem").exists():
+            if args.rotate and provisioning.client_cert(directory, args.name).exists():
                 serial = provisioning.revoke_client(directory, args.name)
                 print(f"revoked the previous certificate of {args.name} (serial {serial:x})", file=sys.stderr)
             if args.enrollment_token:

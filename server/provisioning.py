@@ -180,13 +180,18 @@ def issue_client(
     return _issue(directory, directory / "clients" / name, name, ROLE_CLIENT, days, not_before=not_before)
 
 
+def client_cert(directory: Path, name: str) -> Path:
+    """Where client `name`'s current certificate lives in a certificates dir."""
+    return directory / "clients" / f"{name}.pem"
+
+
 def check_new_client(directory: Path, name: str) -> None:
     """Refuse a malformed client name, or one that already has a (non-revoked) certificate."""
     if not name or len(name) > 64 or not name[0].isalnum() or not all(c.isalnum() or c in "-_." for c in name):
         raise ProvisioningError(
             "client names are 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
         )
-    if (directory / "clients" / f"{name}.pem").exists():
+    if client_cert(directory, name).exists():
         raise ProvisioningError(
             f"client {name!r} already has a certificate; replace it with `leptonfl certs client {name} --rotate`"
         )
@@ -231,7 +236,7 @@ def revoke(directory: Path, cert_path: Path) -> int:
 def revoke_client(directory: Path, name: str) -> int:
     """Revoke client `name`'s certificate and set its files aside (`NAME.pem.revoked-SERIAL`),
     so the name can be issued again; returns the revoked serial number."""
-    current = directory / "clients" / f"{name}.pem"
+    current = client_cert(directory, name)
     if not current.exists():
         raise ProvisioningError(f"client {name!r} has no certificate in {current.parent}")
     serial = revoke(directory, current)

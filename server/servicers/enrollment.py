@@ -24,7 +24,7 @@ from server.engine import check_protocol
 from server.enrollment import requested_key, verify_token
 from server.errors import AlreadyExists, PermissionDenied
 from server.metrics import DaemonMetrics
-from server.provisioning import ROLE_CLIENT, load_ca, sign_certificate
+from server.provisioning import ROLE_CLIENT, client_cert, load_ca, sign_certificate
 from server.servicers.status import unary
 from server.store import Store
 
@@ -36,7 +36,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
         self.store, self.metrics = store, metrics
         self.ca = load_ca(certs_dir)
         self.ca_pem = self.ca[0].public_bytes(serialization.Encoding.PEM)
-        self.clients_dir = certs_dir / "clients"
+        self.certs_dir = certs_dir
         self.limit = RateLimiter(rate, burst=5, what="enrollments")
 
     @unary
@@ -45,7 +45,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
         check_protocol(request.protocol_version)
         claim = verify_token(request.token, self.ca[0])
         key = requested_key(request.csr_pem)
-        path = self.clients_dir / f"{claim.name}.pem"
+        path = client_cert(self.certs_dir, claim.name)
         if path.exists():
             raise AlreadyExists(
                 f"client {claim.name!r} already has a certificate; the operator must revoke it first "
@@ -56,7 +56,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
             raise PermissionDenied(f"this enrollment token for {claim.name!r} has already been used")
         cert = sign_certificate(self.ca, key, claim.name, ROLE_CLIENT, claim.days, serial=serial)
         pem = cert.public_bytes(serialization.Encoding.PEM)
-        self.clients_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError as exc:  # a concurrent enrollment with another token won
