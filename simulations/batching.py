@@ -33,14 +33,31 @@ def shuffled_orders(count: int, batch_size: int, seed: int, epochs: int) -> torc
 
 def _epoch_orders(count: int, seed: int, epochs: int) -> list[torch.Tensor]:
     """`shuffled_orders`' rows, unstacked (one op fewer per client where rows are used one by one)."""
-    generator = torch.Generator().manual_seed(seed)
-    orders = []
-    for epoch in range(epochs):
-        torch.empty((), dtype=torch.int64).random_(generator=generator)
-        orders.append(torch.randperm(count, generator=generator))
-        if epoch + 1 < epochs:
-            torch.randperm(count, generator=generator)
-    return orders
+    return EpochOrders()(count, seed, epochs)
+
+
+class EpochOrders:
+    """`_epoch_orders` for client after client, with one generator re-seeded for each.
+
+    A simulation round draws a few tiny permutations per client; a fresh `torch.Generator` and
+    scratch tensor per client cost as much as the draws themselves. Re-seeding resets the
+    generator's whole state, so every client's orders are what a fresh generator would give.
+    Not thread-safe: one per thread (each backend worker owns its own).
+    """
+
+    def __init__(self) -> None:
+        self._generator = torch.Generator()
+        self._base_seed = torch.empty((), dtype=torch.int64)
+
+    def __call__(self, count: int, seed: int, epochs: int) -> list[torch.Tensor]:
+        generator = self._generator.manual_seed(seed)
+        orders = []
+        for epoch in range(epochs):
+            self._base_seed.random_(generator=generator)  # the DataLoader iterator's base seed draw
+            orders.append(torch.randperm(count, generator=generator))
+            if epoch + 1 < epochs:
+                torch.randperm(count, generator=generator)
+        return orders
 
 
 def loader_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.Tensor:

@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from simulations.apps import load_app
+from simulations.batching import EpochOrders, loader_orders, shuffled_orders
 from simulations.config import SimulationConfig
 from simulations.inprocess import run_inprocess
 from simulations.report import RoundRecord
-from simulations.vectorized import (
-    loader_orders,
-    pack_groups,
-    run_vectorized,
-    shuffled_orders,
-    unsupported_reason,
-)
+from simulations.vectorized import pack_groups, run_vectorized, stacked_forward, unsupported_reason
 from strategies.factory import PrivacySettings
 
 DIGITS = str(Path(__file__).parents[2] / "examples" / "digits")
@@ -71,6 +66,12 @@ def _assert_records_close(expected: list[RoundRecord], actual: list[RoundRecord]
 )
 def test_shuffled_orders_reproduce_the_dataloader(count: int, batch_size: int, seed: int, epochs: int) -> None:
     assert torch.equal(shuffled_orders(count, batch_size, seed, epochs), loader_orders(count, batch_size, seed, epochs))
+
+
+def test_one_reseeded_generator_draws_what_a_fresh_loader_would_for_every_client() -> None:
+    draw = EpochOrders()
+    for count, seed, epochs in [(14, 3, 2), (1, 0, 1), (37, 123_456_789, 3), (14, 3, 2), (20, 5, 1)]:
+        assert torch.equal(torch.stack(draw(count, seed, epochs)), loader_orders(count, 10, seed, epochs))
 
 
 def test_the_workload_has_unequal_steps_and_partial_batches(tmp_path: Path) -> None:
@@ -204,3 +205,90 @@ def test_unsupported_models_and_losses(tmp_path: Path, model: str, extra: str, r
 
 def test_the_digits_app_is_supported(tmp_path: Path) -> None:
     assert unsupported_reason(load_app(DIGITS), _config(tmp_path)) is None
+
+
+def _per_client_outputs(model: torch.nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """The reference: each client's own forward, one after another, under its own parameters."""
+    return torch.stack(
+        [
+            torch.func.functional_call(model, {n: t[j] for n, t in params.items()}, (inputs[j],))
+            for j in range(len(inputs))
+        ]
+    )
+
+
+def test_stacked_forward_of_a_plain_mlp_equals_each_clients_forward() -> None:
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 7, bias=False), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)
+    )
+    params = {n: p.detach() + 0.1 * torch.randn(4, *p.shape) for n, p in model.named_parameters()}  # 4 clients
+    inputs = torch.randn(4, 6, 3, 4)  # 6 samples each, of shape 3 x 4 (flattened by the model)
+    forward = stacked_forward(model)
+    assert forward is not None
+    expected = _per_client_outputs(model, params, inputs)
+    assert expected.shape == (4, 6, 3)
+    assert torch.allclose(forward(params, inputs), expected, atol=1e-6)
+    # clients really differ: client 0's parameters give other outputs on client 1's data
+    assert not torch.allclose(
+        expected[1], _per_client_outputs(model, {n: t[:1] for n, t in params.items()}, inputs[1:2])[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda nn: nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.1), nn.Linear(4, 3)),  # random
+        lambda nn: nn.Sequential(nn.Sequential(nn.Linear(6, 4)), nn.Linear(4, 3)),  # nested
+        lambda nn: nn.Sequential(nn.Linear(6, 4), nn.PReLU(), nn.Linear(4, 3)),  # a parameter outside Linear
+        lambda nn: type("MySequential", (nn.Sequential,), {})(nn.Linear(6, 3)),  # a subclass may override forward
+        lambda nn: nn.Linear(6, 3),
+    ],
+    ids=["dropout", "nested", "prelu", "subclass", "bare-linear"],
+)
+def test_stacked_forward_is_only_for_plain_mlps(build: object) -> None:
+    assert stacked_forward(build(torch.nn)) is None  # type: ignore[operator]
+
+
+def test_stacked_forward_steps_aside_for_hooks() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    handle = model[0].register_forward_hook(lambda module, args, output: output * 2)
+    assert stacked_forward(model) is None
+    handle.remove()
+    assert stacked_forward(model) is not None
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        assert stacked_forward(model) is None
+    finally:
+        handle.remove()
+
+
+CUSTOM_MLP = """Net()
+
+
+class Net(nn.Module):  # not an nn.Sequential: trained through vmap(functional_call(...))
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+"""
+
+
+def test_the_vmap_path_matches_inprocess(tmp_path: Path) -> None:
+    spec = _tiny_app(tmp_path, CUSTOM_MLP)
+    app = load_app(spec)
+    assert stacked_forward(app.build_model()) is None
+    config = SimulationConfig(
+        app=spec, clients=6, rounds=2, clients_per_round=4, partition="dirichlet:0.5", seed=3, out=tmp_path,
+        client_config={"local_epochs": 2, "batch_size": 8, "lr": 0.1, "momentum": 0.9},
+    )  # fmt: skip
+    messages: list[str] = []
+    expected, expected_weights = run_inprocess(app, config, lambda _: None)
+    actual, weights = run_vectorized(app, config, lambda _: None, messages.append)
+    assert not messages  # no fallback
+    assert _max_diff(expected_weights, weights) < ATOL
+    assert _max_diff(app.initial_weights(config.seed), weights) > 0.01
+    _assert_records_close(expected, actual)
