@@ -34,6 +34,7 @@ from client_sdk.training import LossFn, OptimizerFactory, sgd
 from simulations.partition import partition_indices
 
 PARTITION_CACHE_SIZE = 4096
+Rows = np.ndarray[Any, np.dtype[np.int64]]
 
 
 class AppError(ValueError):
@@ -65,7 +66,9 @@ class App:
         key = (index, count, partitioner, seed)
         cached = self._partition_cache.get(key)
         if cached is None:
-            cached = self._partition(index, count, partitioner, seed)
+            train_rows, test_rows = self.partition_rows(index, count, partitioner, seed)
+            train, test = self.load_dataset()
+            cached = (Subset(train, train_rows.tolist()), Subset(test, test_rows.tolist()))
             _remember(self._partition_cache, key, cached)
         return cached
 
@@ -75,19 +78,21 @@ class App:
         """`partition`'s train and test shares as int64 tensors of rows of the base datasets.
 
         The simulation backends index the base tensors with these every round; converting the
-        Subsets' Python lists each time cost more than the gathers themselves. Read-only by
-        convention: callers index with them and never write into them.
+        Subsets' Python lists each time cost more than the gathers themselves (and backends that
+        only gather never build those lists). Read-only by convention: callers index with them
+        and never write into them.
         """
         key = (index, count, partitioner, seed)
         cached = self._rows_cache.get(key)
         if cached is None:
-            train, test = self.partition(index, count, partitioner, seed)
-            cached = (_row_tensor(train), _row_tensor(test))
+            train_rows, test_rows = self._partition(index, count, partitioner, seed)
+            cached = (torch.from_numpy(train_rows), torch.from_numpy(test_rows))
             _remember(self._rows_cache, key, cached)
         return cached
 
-    def _partition(self, index: int, count: int, partitioner: str, seed: int) -> tuple[Subset, Subset]:
-        """Client `index` of `count`: its train share (by `partitioner`) and an IID test share.
+    def _partition(self, index: int, count: int, partitioner: str, seed: int) -> tuple[Rows, Rows]:
+        """Client `index` of `count`: the rows of its train share (by `partitioner`) and of an IID
+        test share, as fresh int64 arrays.
 
         Computed lazily for `iid` and `quantity:σ` (a cached permutation plus offsets), so a
         population of 100,000 clients costs memory only for the clients actually asked for.
@@ -101,13 +106,13 @@ class App:
             if hook is None:
                 raise AppError(f"app {self.name!r} has no natural partition (define natural_partition)")
             train_idx, test_idx = hook(index, count, seed)
-            return Subset(train, list(map(int, train_idx))), Subset(test, list(map(int, test_idx)))
+            return _int64_rows(train_idx), _int64_rows(test_idx)
         train_idx = partition_indices(partitioner, labels_of(train), count, index, seed)
         if len(test) >= count:
             test_idx = partition_indices("iid", labels_of(test), count, index, seed)
         else:  # too few test examples to share: everyone gets all
-            test_idx = np.arange(len(test))
-        return Subset(train, train_idx.tolist()), Subset(test, test_idx.tolist())
+            test_idx = np.arange(len(test), dtype=np.int64)
+        return train_idx, test_idx
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -117,8 +122,9 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
     cache[key] = value
 
 
-def _row_tensor(share: Subset) -> torch.Tensor:
-    return torch.as_tensor(share.indices, dtype=torch.long)
+def _int64_rows(indices: Any) -> Rows:
+    """An app hook's indices (any sequence of integers) as a fresh int64 array."""
+    return np.fromiter((int(i) for i in indices), dtype=np.int64)
 
 
 def labels_of(dataset: TensorDataset) -> torch.Tensor:

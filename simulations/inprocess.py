@@ -181,14 +181,14 @@ class LocalTrainer:
         if not clients:
             return 0, 0.0, 0.0
         app, config = self.app, self.config
-        shares = [app.partition(client, config.clients, config.partition, config.seed)[1] for client in clients]
+        rows = [app.partition_rows(client, config.clients, config.partition, config.seed)[1] for client in clients]
         self.load(weights)
-        base = shares[0].dataset
-        if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and all(len(s) for s in shares)):
-            return self._evaluate_each(shares)
-        index = torch.cat(
-            [app.partition_rows(client, config.clients, config.partition, config.seed)[1] for client in clients]
-        )
+        base = app.load_dataset()[1]  # what every test share is a Subset of
+        if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and all(len(r) for r in rows)):
+            return self._evaluate_each(
+                [app.partition(client, config.clients, config.partition, config.seed)[1] for client in clients]
+            )
+        index = torch.cat(rows)
         inputs, targets = base.tensors
         model = self.model
         model.eval()

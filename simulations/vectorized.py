@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from client_sdk.training import sgd
 from simulations.apps import App, loader
@@ -407,7 +407,6 @@ class _VectorTrainer:
         self.sample_bytes = self.inputs[:1].numel() * self.inputs.element_size()
         self.activation_bytes_per_sample = _saved_bytes_per_sample(model, self.inputs[:8], self.targets[:8])
         self._orders_checked = False
-        self._partition_checked = False
         self._fast_orders = True
         self._draw = EpochOrders()
         self._steps: dict[float, StepFn] = {}
@@ -427,13 +426,10 @@ class _VectorTrainer:
             rows = self.app.partition_rows(client, config.clients, config.partition, config.seed)[0]
             count = rows.shape[0]
             seed = client_seed(config.seed, number, client)
-            if not self._partition_checked or count == 0:  # once per run: what partition() returns
-                train, _ = self.app.partition(client, config.clients, config.partition, config.seed)
-                if not isinstance(train, Subset):
-                    raise TypeError(f"App.partition returned {type(train).__name__}, not a Subset of the training set")
-                self._partition_checked = True
-                if count == 0:
-                    loader(train, batch_size, True, seed)  # raises exactly as inprocess does on empty data
+            if count == 0:  # raises exactly as inprocess does on empty data
+                loader(
+                    self.app.partition(client, config.clients, config.partition, config.seed)[0], batch_size, True, seed
+                )
             pieces.extend(rows.take(positions) for positions in self._orders(count, batch_size, seed, epochs))
             plans.append(ClientPlan(client, count, epochs, batch_size, start))
             start += count * max(epochs, 0)

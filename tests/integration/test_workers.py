@@ -46,3 +46,20 @@ def test_workers_with_central_dp_and_a_non_mergeable_strategy(tmp_path: Path) ->
     med1, _ = final(tmp_path, "m1", workers=1, strategy="median")
     med2, _ = final(tmp_path, "m2", workers=2, strategy="median")  # needs every update: runs in one process
     assert all(torch.equal(med1[k], med2[k]) for k in med1)
+
+
+def test_the_pool_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    """Workers fork with the parent's objects frozen (no copy-on-write from full collections);
+    the freeze ends with the pool, but one the host made itself is left alone."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    final(tmp_path, "a", workers=2)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        final(tmp_path, "b", workers=2)
+        assert gc.get_freeze_count() >= frozen  # the host's freeze stands
+    finally:
+        gc.unfreeze()
