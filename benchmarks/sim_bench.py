@@ -390,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (W1 2, W2 1, W3 1) and one repeat")
     parser.add_argument("--only", help="comma-separated workloads, e.g. W1 or W1,W3")
-    parser.add_argument("--repeat", type=int, default=0, help="timed runs per line (default: W1 3, others 1)")
+    parser.add_argument("--repeat", type=int, default=0, help="timed runs per line (default: W1 5, others 1)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--profile", help="cProfile each framework run into this directory (inflates timings)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per measurement")

@@ -7,9 +7,9 @@ the strategy gets one `ClientUpdate` per client in selection order, and evaluati
 same federated evaluation. Only the local training loop differs: instead of one model
 stepping through one client after another, the global weights are copied into a stack of
 G client models (leading dimension G) and every SGD step of all G clients is one forward
-pass vmapped over them through `functional_call` and one backward pass of the summed
-per-client losses (each client's gradient, as ``vmap(grad(loss))`` would give, but faster),
-followed by a functional SGD update on
+pass vmapped over them through `functional_call` (for a plain MLP, batched matmuls:
+`stacked_forward`) and one backward pass of the summed per-client losses (each client's
+gradient, as ``vmap(grad(loss))`` would give, but faster), followed by a functional SGD update on
 the stacked tensors (with momentum the way `torch.optim.SGD` does it: ``buf = m*buf + g``,
 the first step's ``buf = g``; no dampening, Nesterov or weight decay, as the default
 optimizer `client_sdk.training.sgd` never sets them).
