@@ -94,6 +94,7 @@ def run_vectorized(
             echo(f"vectorized: falling back to inprocess: {reason}")
             return run_inprocess(app, config, on_round, echo, **hooks)
         trainer = _VectorTrainer(app, model, memory_budget_bytes)
+        keep_freed_blocks()
         return run_inprocess(
             app, config, on_round, echo, pool_factory=lambda _app, _config, _n: VectorizedPool(config, trainer), **hooks
         )
@@ -553,6 +554,19 @@ def _group_layout(members: Sequence[ClientPlan], flat: torch.Tensor) -> tuple[to
     rows = flat[torch.where(real, starts + epoch * examples + slot, starts)]
     last_epoch = ((t >= steps - per_epoch) & (t < steps))[:, :, 0]
     return rows, real.to(torch.float32), last_epoch
+
+
+def keep_freed_blocks(largest: int = 31 << 20) -> None:
+    """Have glibc's malloc keep freed blocks of up to `largest` bytes for reuse.
+
+    glibc serves each block above its mmap threshold (128 KiB at first) with a fresh mapping and
+    unmaps it when freed, so a step's multi-MB stacked tensors are page-faulted in anew every
+    step until a freed mapped block raises that threshold on its own, a round or two in (W1:
+    ~1,300 faults, about 1 ms, in each of its first four steps). Allocating and freeing one
+    untouched block of `largest` bytes (at most glibc's 32 MiB cap) raises it now. Other
+    allocators ignore this; no page is touched, so it costs one map and one unmap."""
+    block = torch.empty(largest, dtype=torch.uint8)
+    del block
 
 
 def _saved_bytes_per_sample(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> int:
