@@ -75,14 +75,21 @@ def _fast_path_valid() -> bool:
 
 
 def epoch_batches(
-    train: Subset, batch_size: int, seed: int, epochs: int, rows: torch.Tensor | None = None
+    train: Subset,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    rows: torch.Tensor | None = None,
+    draw: EpochOrders | None = None,
 ) -> Callable[[], Batches]:
     """A callable that yields epoch 1's batches on its first call, epoch 2's on the next, ...
 
     `rows` are `train.indices` as an int64 tensor when the caller has them already (e.g.
-    `App.partition_rows`). Each epoch is one gather of the client's rows in shuffled order,
-    cut into batches that are views of it: a handful of tensor ops per epoch rather than two
-    per batch (this runs once per client and round: its fixed cost is the simulation's).
+    `App.partition_rows`); `draw` a caller's reusable `EpochOrders`. Each epoch is one gather
+    of the client's rows in shuffled order, cut into batches that are views of it: a handful
+    of tensor ops per epoch rather than two per batch (this runs once per client and round:
+    its fixed cost is the simulation's). Epoch 1 is gathered here, at once, so a caller can
+    prepare several clients' data before training them (see `LocalTrainer.fold`).
     """
     base = train.dataset
     if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and len(train) and _fast_path_valid()):
@@ -91,16 +98,21 @@ def epoch_batches(
     if rows is None:
         rows = torch.as_tensor(train.indices, dtype=torch.long)
     inputs, targets = base.tensors
-    count = len(rows)
+    count = rows.shape[0]
     sizes = [batch_size] * (count // batch_size) + ([count % batch_size] if count % batch_size else [])
-    orders = iter(_epoch_orders(count, seed, epochs))
 
-    def batches() -> Batches:
-        picked = rows.index_select(0, next(orders))
+    def gather(order: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        picked = rows.index_select(0, order)
         cut = (
             inputs.index_select(0, picked).split_with_sizes(sizes),
             targets.index_select(0, picked).split_with_sizes(sizes),
         )
-        return zip(*cut, strict=True)
+        return list(zip(*cut, strict=True))
+
+    orders = iter((draw or EpochOrders())(count, seed, epochs))
+    first = [gather(next(orders))] if epochs > 0 else []
+
+    def batches() -> Batches:
+        return iter(first.pop() if first else gather(next(orders)))
 
     return batches

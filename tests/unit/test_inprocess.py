@@ -13,7 +13,7 @@ from torch import nn
 
 from client_sdk.training import sgd
 from simulations.apps import App, load_app, loader
-from simulations.batching import epoch_batches
+from simulations.batching import EpochOrders, epoch_batches
 from simulations.config import SimulationConfig
 from simulations.inprocess import LocalSettings, LocalTrainer
 from tests.conftest import DIGITS_APP
@@ -44,6 +44,25 @@ def test_epoch_batches_are_the_dataloaders(client: int, batch_size: int, epochs:
         assert len(got) == len(expected)
         for (x, y), (ex, ey) in zip(got, expected, strict=True):
             assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_clients_prepared_together_on_one_generator_get_their_own_dataloaders_batches() -> None:
+    """`LocalTrainer.fold` prepares several clients (epoch 1 gathered, one re-seeded generator)
+    before training any: each must still see exactly its own DataLoader's batches, every epoch."""
+    app = load_app(DIGITS_APP)
+    draw = EpochOrders()
+    clients = [(c, 100 + c) for c in (0, 4, 9)]
+    prepared = [
+        epoch_batches(app.partition(c, 12, "dirichlet:0.5", 3)[0], 8, seed, 2, draw=draw) for c, seed in clients
+    ]
+    references = [loader(app.partition(c, 12, "dirichlet:0.5", 3)[0], 8, True, seed) for c, seed in clients]
+    for _ in range(2):
+        for fast, reference in zip(prepared, references, strict=True):
+            got, expected = list(fast()), list(reference)
+            assert len(got) == len(expected) > 1
+            assert all(
+                torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(got, expected, strict=True)
+            )
 
 
 def test_partition_rows_are_the_partitions_indices() -> None:
