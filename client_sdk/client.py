@@ -107,6 +107,11 @@ class FederatedClient:
             # Too slow for the deadline: not an error of this client, just wait for the next task.
             self.stats.late_results += 1
             log.warning("run %s round %d: %s", task.run_id, task.round, exc)
+        except TrainingError as exc:
+            # The app's own code failed: the loop ends with this error, but first the server
+            # hears of it, so the round does not wait for this client until its deadline.
+            self.transport.report_failure(task, str(exc))
+            raise
 
     # background mode --------------------------------------------------------------------
     def start(self) -> None:

@@ -32,6 +32,7 @@ log = logging.getLogger("leptonfl.client")
 T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_CHUNK_BYTES = 8 << 20  # the daemon refuses bigger chunks
+MAX_FAILURE_REASON = 1000  # characters of a failure report the daemon takes
 # HTTP/2 keepalive pings while the channel is idle (e.g. during minutes of local training), so
 # NATs and proxies keep the connection open; the daemon permits one every 10 s or slower.
 KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
@@ -231,6 +232,26 @@ class FleetTransport:
             "report evaluation",
             lambda: self._stub.ReportEvaluation(report, metadata=self._metadata(), timeout=self.rpc_timeout),
         )
+
+    def report_failure(self, task: pb.Task, reason: str) -> bool:
+        """Tell the server, once and without retrying, that this task's app code failed, so its
+        round need not wait for this client until the deadline. Never raises: the failure the
+        host app hears about is its own, not this report's (an older server answers UNIMPLEMENTED)."""
+        report = pb.FailureReport(
+            task_id=task.task_id, run_id=task.run_id, round=task.round, reason=report_failure_reason(reason)
+        )
+        try:
+            self._stub.ReportFailure(report, metadata=self._metadata(), timeout=self.rpc_timeout)
+            return True
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            log.warning("could not tell the server that the task failed (%s)", code.name if code else exc)
+            return False
+
+
+def report_failure_reason(reason: str) -> str:
+    """`reason` cut to what the server takes (1,000 characters)."""
+    return reason if len(reason) <= MAX_FAILURE_REASON else reason[: MAX_FAILURE_REASON - 1] + "…"
 
 
 def task_config(task: pb.Task) -> dict[str, Any]:

@@ -76,6 +76,7 @@ TRAIN, EVALUATE = "train", "evaluate"
 SERVER_METRICS = frozenset({"clip_norm", "sample_rate"})  # round metrics only the server writes
 MAX_EXAMPLES = 1 << 40
 MAX_KEY = 128  # characters of an idempotency key
+MAX_REASON = 1000  # characters of a client's failure report
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class OpenRound:
     tasks: dict[str, Task] = field(default_factory=dict)  # of the current phase
     task_ids: set[str] = field(default_factory=set)  # of both phases, so late results are recognised
     delivered: dict[str, Participation] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # client -> reason, of the current phase
     evaluated: dict[str, tuple[int, float, float | None]] = field(default_factory=dict)
     keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, client) -> idempotency key
     train_seconds: float = 0.0
@@ -165,7 +167,7 @@ class OpenRound:
 
     def pending_clients(self) -> set[str]:
         done = self.delivered if self.phase == TRAIN else self.evaluated
-        return {t.client_id for t in self.tasks.values() if t.client_id not in done}
+        return {t.client_id for t in self.tasks.values() if t.client_id not in done and t.client_id not in self.failed}
 
     def record(self, run_id: str) -> OpenRoundRecord:
         """The durable form of this round (what a restarted daemon resumes from)."""
@@ -593,6 +595,30 @@ class RoundEngine:
             open_.keys[(EVALUATE, client_id)] = key
             self._notify()
 
+    def report_failure(self, client_id: str, report: fleet_pb2.FailureReport) -> None:
+        """The client's app failed on its task: stop waiting for it in this phase, and leave it
+        out of selection until it asks for work again (its SDK loop has likely ended)."""
+        _check_text("failure reason", report.reason, limit=MAX_REASON)
+        with self._lock:
+            task = self._tasks.get(report.task_id)
+            kind = task.kind if task is not None else TRAIN
+            task = self._assigned_task(client_id, report.task_id, report.run_id, report.round, kind, "")
+            open_ = self._still_open(task, kind, "")
+            if client_id in open_.failed:
+                return  # a repeat: acknowledged, counted once
+            open_.failed[client_id] = report.reason
+            self._sessions[client_id].last_seen = -math.inf
+            self.metrics.client_failures.labels(kind=kind).inc()
+            log.warning(
+                "run %s round %d: client %s reports that its %s failed: %r",  # %r: one line, whatever it sent
+                task.run_id,
+                task.round,
+                client_id,
+                "training" if kind == TRAIN else "evaluation",
+                report.reason,
+            )
+            self._notify()
+
     def _assigned_task(self, client_id: str, task_id: str, run_id: str, number: int, kind: str, key: str) -> Task:
         with self._lock:
             if self.store.get_run(run_id) is None:
@@ -884,7 +910,7 @@ class RoundEngine:
         task_ids: list[str] | None = None,
     ) -> None:
         """Create the phase's tasks (fresh ids, or `task_ids` when resuming a persisted round)."""
-        open_.tasks = {}
+        open_.tasks, open_.failed = {}, {}
         for i, client_id in enumerate(clients):
             task = Task(
                 task_ids[i] if task_ids else secrets.token_hex(8),

@@ -25,6 +25,9 @@ class DaemonMetrics:
         )
         self.rounds_committed = Counter("leptonfl_rounds_committed", "rounds committed", registry=r)
         self.rounds_failed = Counter("leptonfl_rounds_failed", "round attempts without quorum", registry=r)
+        self.client_failures = Counter(
+            "leptonfl_client_failures", "tasks whose client reported that its app's code failed", ["kind"], registry=r
+        )
         self.round_duration = Histogram(
             "leptonfl_round_duration_seconds",
             "training phase of committed rounds",

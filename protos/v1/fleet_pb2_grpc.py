@@ -65,6 +65,11 @@ class FleetStub:
                 request_serializer=protos_dot_v1_dot_fleet__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_fleet__pb2.EvaluationResponse.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/leptonfl.v1.Fleet/ReportFailure',
+                request_serializer=protos_dot_v1_dot_fleet__pb2.FailureReport.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_fleet__pb2.FailureResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -111,6 +116,16 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """The app's training or evaluation code failed on this task: the server stops waiting for
+        this client's result (the round can close without it) and does not select the client
+        again until it asks for work. Repeats are acknowledged; a closed round answers
+        FAILED_PRECONDITION. Servers before this RPC answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +158,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=protos_dot_v1_dot_fleet__pb2.EvaluationReport.FromString,
                     response_serializer=protos_dot_v1_dot_fleet__pb2.EvaluationResponse.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=protos_dot_v1_dot_fleet__pb2.FailureReport.FromString,
+                    response_serializer=protos_dot_v1_dot_fleet__pb2.FailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +327,33 @@ class Fleet:
             '/leptonfl.v1.Fleet/ReportEvaluation',
             protos_dot_v1_dot_fleet__pb2.EvaluationReport.SerializeToString,
             protos_dot_v1_dot_fleet__pb2.EvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/leptonfl.v1.Fleet/ReportFailure',
+            protos_dot_v1_dot_fleet__pb2.FailureReport.SerializeToString,
+            protos_dot_v1_dot_fleet__pb2.FailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class FleetStub:
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_fleet_pb2.UploadChunk, _fleet_pb2.UploadResponse]
     """Stream an update: an UploadHeader first, then the model chunks."""
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.EvaluationReport, _fleet_pb2.EvaluationResponse]
+    ReportFailure: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FailureReport, _fleet_pb2.FailureResponse]
+    """The app's training or evaluation code failed on this task: the server stops waiting for
+    this client's result (the round can close without it) and does not select the client
+    again until it asks for work. Repeats are acknowledged; a closed round answers
+    FAILED_PRECONDITION. Servers before this RPC answer UNIMPLEMENTED.
+    """
 
 @_typing.type_check_only
 class FleetAsyncStub(FleetStub):
@@ -63,6 +69,12 @@ class FleetAsyncStub(FleetStub):
     UploadUpdate: _aio.StreamUnaryMultiCallable[_fleet_pb2.UploadChunk, _fleet_pb2.UploadResponse]  # type: ignore[assignment]
     """Stream an update: an UploadHeader first, then the model chunks."""
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_fleet_pb2.EvaluationReport, _fleet_pb2.EvaluationResponse]  # type: ignore[assignment]
+    ReportFailure: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FailureReport, _fleet_pb2.FailureResponse]  # type: ignore[assignment]
+    """The app's training or evaluation code failed on this task: the server stops waiting for
+    this client's result (the round can close without it) and does not select the client
+    again until it asks for work. Repeats are acknowledged; a closed round answers
+    FAILED_PRECONDITION. Servers before this RPC answer UNIMPLEMENTED.
+    """
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -112,5 +124,17 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.EvaluationReport,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.EvaluationResponse, _abc.Awaitable[_fleet_pb2.EvaluationResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportFailure(
+        self,
+        request: _fleet_pb2.FailureReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FailureResponse, _abc.Awaitable[_fleet_pb2.FailureResponse]]:
+        """The app's training or evaluation code failed on this task: the server stops waiting for
+        this client's result (the round can close without it) and does not select the client
+        again until it asks for work. Repeats are acknowledged; a closed round answers
+        FAILED_PRECONDITION. Servers before this RPC answer UNIMPLEMENTED.
+        """
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

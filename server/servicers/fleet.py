@@ -125,6 +125,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self.engine.report_evaluation(self._caller(context), request)
         return pb.EvaluationResponse(accepted=True)
 
+    @unary
+    def ReportFailure(self, request: pb.FailureReport, context: grpc.ServicerContext) -> pb.FailureResponse:
+        self.engine.report_failure(self._caller(context), request)
+        return pb.FailureResponse()
+
 
 def _data_only(messages: Iterator[pb.UploadChunk]) -> Iterator[tensors_pb2.TensorData]:
     for message in messages:

@@ -889,6 +889,33 @@ class EvalCase:
         return problems
 
 
+@dataclass(frozen=True)
+class FailureCase:
+    actor: int
+    task: Any
+    run: Any
+    round: Any
+    reason: Any
+
+    def run_case(self, env: FuzzEnv) -> list[str]:
+        ctx = Ctx(env, self.actor)
+        task_id, run_id, number = ctx.task_id(self.task), ctx.run_id(self.run), ctx.round(self.round)
+        report = pb.FailureReport(task_id=task_id, run_id=run_id, round=number, reason=str(self.reason))
+        client = ctx.actor.client
+        code, details, _ = outcome(
+            lambda: client.stub.ReportFailure(report, metadata=client.metadata, timeout=CALL_TIMEOUT)
+        )
+        problems = judge("ReportFailure", code, details)
+        if code == SC.OK:
+            owned = ctx.owns(pb.TRAIN, task_id, run_id, number) or ctx.owns(pb.EVALUATE, task_id, run_id, number)
+            if not (len(report.reason) <= 1000 and owned):
+                problems.append("ReportFailure accepted an invalid report")
+        return problems
+
+
+FAILURE_REASONS = st.one_of(
+    st.text(max_size=40), st.builds(Long, st.sampled_from(["a", "\n", "🙂"]), st.sampled_from([999, 1000, 1001]))
+)
 FINITE = st.one_of(
     st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1.0, -1.0, 1e300, 1e308, -1e308, 1.7976931348623157e308]),
     st.floats(allow_nan=False, allow_infinity=False),
@@ -1251,6 +1278,7 @@ RAW_UNARY = {
     "Heartbeat": ("unary_unary", FLEET + "Heartbeat"),
     "GetTask": ("unary_unary", FLEET + "GetTask"),
     "ReportEvaluation": ("unary_unary", FLEET + "ReportEvaluation"),
+    "ReportFailure": ("unary_unary", FLEET + "ReportFailure"),
     "DownloadModel": ("unary_stream", FLEET + "DownloadModel"),
     "ListRuns": ("unary_unary", CONTROL + "ListRuns"),
     "GetRun": ("unary_unary", CONTROL + "GetRun"),
@@ -1262,11 +1290,12 @@ RAW_UNARY = {
 
 def raw_base(method: str, ctx: Ctx) -> bytes:
     """A well-formed request for `method`, the starting point of byte-level mutations."""
-    task = ctx.task() if method in ("ReportEvaluation", "DownloadModel") else None
+    task = ctx.task() if method in ("ReportEvaluation", "ReportFailure", "DownloadModel") else None
     task_id, run_id, number = (task.task_id, task.run_id, task.round) if task else ("", ctx.env.fuzz_run, 1)
     message: Any = {
         "Join": pb.JoinRequest(protocol_version=PROTOCOL_VERSION, app="raw-app", name="raw"),
         "ReportEvaluation": pb.EvaluationReport(task_id=task_id, run_id=run_id, round=number, num_examples=3, loss=0.5),
+        "ReportFailure": pb.FailureReport(task_id=task_id, run_id=run_id, round=number, reason="raw"),
         "DownloadModel": pb.DownloadModelRequest(task_id=task_id),
         "GetRun": cpb.GetRunRequest(run_id=ctx.env.fuzz_run),
         "CancelRun": cpb.CancelRunRequest(run_id="run-nope"),
@@ -1487,6 +1516,14 @@ def cases() -> st.SearchStrategy[Any]:
         loss=st.one_of(st.floats(-10, 10), DOUBLES),
         metrics=EVAL_METRICS,
     )
+    failures = st.builds(
+        FailureCase,
+        actor=actors,
+        task=mostly(Ref("own"), TASK_REFS),
+        run=mostly(Ref("own"), RUN_REFS),
+        round=mostly(Ref("own"), ROUND_REFS),
+        reason=FAILURE_REASONS,
+    )
     unary = st.builds(
         UnaryCase,
         actor=actors,
@@ -1571,7 +1608,7 @@ def cases() -> st.SearchStrategy[Any]:
     # Uploads, evaluations and honest results weigh double: they reach the deepest code (codec,
     # aggregation, round commits) and keep the fuzz run's rounds turning over.
     return st.one_of(
-        *(uploads, uploads, honest, honest, evals, unary, control, creates, plausible_creates),
+        *(uploads, uploads, honest, honest, evals, failures, unary, control, creates, plausible_creates),
         *(raw_unary, raw_stream, hangups),
     )
 

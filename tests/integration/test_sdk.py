@@ -34,6 +34,7 @@ from client_sdk import (
     TrainingError,
 )
 from client_sdk.transport import FleetTransport
+from protos.v1 import fleet_pb2 as pb
 from server.control_client import ControlClient, status_name
 from server.daemon import Daemon
 from tests.conftest import start_daemon, wait_until
@@ -297,6 +298,59 @@ def test_trainer_exception_becomes_training_error_and_the_run_still_completes(tm
     stats = healthy.join(timeout=15)
     assert (stats.rounds_trained, stats.rounds_evaluated) == (1, 1)
     assert run_status(daemon.address, run.run_id) == "completed"
+
+
+def test_a_failing_trainer_tells_the_server_so_the_round_does_not_wait_for_it(tmp_path, clients, daemons):
+    # A long liveness timeout and round deadline: without the failure report the round would
+    # wait 60 s for the second update (clients_per_round=2) and could select the failed client again.
+    daemon = daemons(tmp_path / "d", heartbeat_interval_s=0.3, liveness_timeout_s=60)
+    healthy, broken = clients(daemon.address, name="healthy"), clients(daemon.address, BoomTrainer(), name="broken")
+    healthy.start()
+    broken.start()
+    wait_until(lambda: daemon.engine.online_count() == 2, 10, "both clients online")
+    started = time.monotonic()
+    run = create_run(daemon.address, clients_per_round=2, min_clients=1, round_timeout_s=60)
+    with pytest.raises(TrainingError, match="boom"):
+        broken.join(timeout=15)
+    wait_until(lambda: run_status(daemon.address, run.run_id) == "completed", 15, "the run to complete")
+    assert time.monotonic() - started < 20, "the round waited for the failed client"
+    with ControlClient(daemon.address) as control:
+        (summary,) = control.get_run(run.run_id).rounds
+    assert summary.num_clients == 1 and summary.eval_clients == 1
+    assert daemon.metrics.client_failures.labels(kind="train")._value.get() == 1
+    assert healthy.join(timeout=10).rounds_trained == 1
+
+
+def test_failure_reports_are_checked_and_counted_once(tmp_path, daemons):
+    daemon = daemons(tmp_path / "d")
+    transport = FleetTransport(daemon.address, APP, name="reporter", backoff=FAST)
+    try:
+        transport.join()
+        create_run(daemon.address, round_timeout_s=60)
+        wait_until(lambda: transport.get_task().HasField("task") or None, 10, "a task")
+        task = daemon.engine.get_task(transport.client_id)
+        stub, metadata = transport._stub, transport._metadata()
+
+        def report(**fields: Any) -> grpc.StatusCode:
+            request = pb.FailureReport(task_id=task.task_id, run_id=task.run_id, round=task.round, reason="oom")
+            for name, value in fields.items():
+                setattr(request, name, value)
+            try:
+                stub.ReportFailure(request, metadata=metadata, timeout=5)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        assert report(reason="x" * 1001) == grpc.StatusCode.INVALID_ARGUMENT
+        assert report(task_id="0" * 16) == grpc.StatusCode.FAILED_PRECONDITION  # not a task of this daemon
+        assert report(round=task.round + 1) == grpc.StatusCode.PERMISSION_DENIED  # not what it was assigned
+        assert daemon.metrics.client_failures.labels(kind="train")._value.get() == 0  # nothing spent by those
+        assert report() == grpc.StatusCode.OK
+        assert report() == grpc.StatusCode.OK  # a repeat is acknowledged...
+        assert daemon.metrics.client_failures.labels(kind="train")._value.get() == 1  # ...and counted once
+        assert transport.report_failure(pb.Task(task_id="0" * 16, run_id=task.run_id, round=1), "x") is False
+    finally:
+        transport.close()
 
 
 # 6. transparent re-join -------------------------------------------------------------------
