@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON objects")
     start.add_argument("--join-rate", type=float, help="joins per second per peer (default 2, bursts of 10)")
     start.add_argument("--upload-rate", type=float, help="uploads per second per client (default 2, bursts of 10)")
+    start.add_argument(
+        "--call-rate", type=float, help="calls after Join per second per client (default 20, bursts of 40)"
+    )
     status = server_cmds.add_parser("status", help="is the daemon serving? (gRPC health) and its runs")
     _add_server(status)
     migrate = server_cmds.add_parser("migrate", help="upgrade the database schema of a data dir")

@@ -143,6 +143,7 @@ def server(args: argparse.Namespace) -> int:
             "insecure",
             "join_rate",
             "upload_rate",
+            "call_rate",
             "metrics_address",
             "enroll_address",
             "enroll_rate",

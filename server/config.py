@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -54,6 +55,7 @@ class ServerConfig:
     log_format: str = "text"  # or "json": one JSON object per line
     join_rate: float = 2.0  # Joins per second per peer (bursts of 10)
     upload_rate: float = 2.0  # uploads per second per client (bursts of 10)
+    call_rate: float = 20.0  # Fleet calls after Join per second per client (bursts of twice that)
 
     @property
     def db_url(self) -> str:
@@ -84,7 +86,12 @@ class ServerConfig:
                 continue
             default = getattr(self, key)
             converted[key] = Path(value) if isinstance(default, Path) else type(default)(value)
-        return replace(self, **converted)
+        config = replace(self, **converted)
+        for name in ("join_rate", "upload_rate", "call_rate", "enroll_rate"):
+            rate = getattr(config, name)
+            if not (math.isfinite(rate) and rate > 0):
+                raise ValueError(f"{name} must be a positive number of calls per second, got {rate:g}")
+        return config
 
 
 def load_config(path: Path | None, flags: dict[str, Any]) -> ServerConfig:

@@ -77,7 +77,9 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        fleet = FleetServicer(self.engine, config.chunk_bytes, authorizer, config.join_rate, config.upload_rate)
+        fleet = FleetServicer(
+            self.engine, config.chunk_bytes, authorizer, config.join_rate, config.upload_rate, config.call_rate
+        )
         fleet_pb2_grpc.add_FleetServicer_to_server(fleet, self._server)
         control = ControlServicer(self.engine, config.chunk_bytes, authorizer)
         control_pb2_grpc.add_ControlServicer_to_server(control, self._server)

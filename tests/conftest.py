@@ -24,6 +24,7 @@ def start_daemon(data_dir: Path, **overrides: object) -> Daemon:
         # Tests fire many calls per second on purpose; rate limits have their own test.
         "join_rate": 1000.0,
         "upload_rate": 1000.0,
+        "call_rate": 1000.0,
         "address": "127.0.0.1:0",
         "data_dir": data_dir,
         "selection_grace_s": 0.5,

@@ -37,6 +37,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         authorizer: Authorizer,
         join_rate: float = 2.0,
         upload_rate: float = 2.0,
+        call_rate: float = 20.0,
     ) -> None:
         self.engine = engine
         self.metrics = engine.metrics
@@ -44,13 +45,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self.authorizer = authorizer
         self.join_limit = RateLimiter(join_rate, burst=10, what="joins")
         self.upload_limit = RateLimiter(upload_rate, burst=10, what="uploads")
+        # Every call after Join, per client: the SDK makes about 4 a second while idle (GetTask
+        # polls) and fewer while training; this only stops a client that floods the daemon.
+        self.call_limit = RateLimiter(call_rate, burst=max(10, int(2 * call_rate)), what="calls")
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         """The authenticated client id of this call (session token, and certificate under mTLS)."""
         identity = self.authorizer.require(context, ROLE_CLIENT)
         metadata = dict(context.invocation_metadata())
+        client_id = str(metadata.get(CLIENT_ID_KEY, ""))
+        # Checked before the token (which may cost a database read): by certificate under mTLS,
+        # else by the client id the call claims.
+        self.call_limit.check(identity.name if identity else client_id)
         return self.engine.authenticate(
-            str(metadata.get(CLIENT_ID_KEY, "")), str(metadata.get(TOKEN_KEY, "")), identity.name if identity else None
+            client_id, str(metadata.get(TOKEN_KEY, "")), identity.name if identity else None
         )
 
     @unary

@@ -60,6 +60,7 @@ from protos.v1 import control_pb2 as cpb
 from protos.v1 import control_pb2_grpc, fleet_pb2_grpc, tensors_pb2
 from protos.v1 import fleet_pb2 as pb
 from server.checkpoints import CheckpointStore
+from server.config import ServerConfig
 from server.control_client import ControlClient, ControlError, status_name
 from server.store import Store
 from strategies.factory import PrivacySettings
@@ -1659,6 +1660,34 @@ def test_default_rate_limits_answer_bursts_with_resource_exhausted(tmp_path: Pat
     finally:
         channel.close()
         daemon.stop(grace=0.5)
+
+
+def test_the_default_call_limit_throttles_one_flooding_client_only(tmp_path: Path) -> None:
+    """After Join, a client gets 20 calls a second (bursts of 40); one that floods the daemon
+    hears "slow down" while another client's calls go through."""
+    daemon = start_daemon(tmp_path / "data", call_rate=ServerConfig().call_rate)
+    flooder, bystander = RawClient(daemon.address, app="burst"), RawClient(daemon.address, app="burst")
+    try:
+        poll = pb.GetTaskRequest()
+        results = [
+            outcome(lambda: flooder.stub.GetTask(poll, metadata=flooder.metadata, timeout=CALL_TIMEOUT))
+            for _ in range(200)
+        ]
+        codes = [code for code, _, _ in results]
+        assert codes[0] == SC.OK and set(codes) == {SC.OK, SC.RESOURCE_EXHAUSTED}, codes
+        assert 40 <= codes.count(SC.OK) < 200
+        assert all("slow down" in details for code, details, _ in results if code == SC.RESOURCE_EXHAUSTED)
+        assert bystander.stub.GetTask(poll, metadata=bystander.metadata, timeout=CALL_TIMEOUT).HasField("idle")
+    finally:
+        flooder.close()
+        bystander.close()
+        daemon.stop(grace=0.2)
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan"), float("inf")])
+def test_rate_limits_must_be_positive(rate: float) -> None:
+    with pytest.raises(ValueError, match="call_rate must be a positive number"):
+        ServerConfig().with_overrides({"call_rate": rate})
 
 
 def test_guarantees_after_fuzzing(env: FuzzEnv) -> None:

@@ -353,6 +353,20 @@ def test_failure_reports_are_checked_and_counted_once(tmp_path, daemons):
         transport.close()
 
 
+def test_the_sdk_rides_out_the_daemons_call_limit(tmp_path, clients, daemons):
+    # 2 calls a second (bursts of 10): below the SDK's idle polling rate, so it is throttled
+    # ("slow down", RESOURCE_EXHAUSTED) and must back off and carry on, not fail.
+    daemon = daemons(tmp_path / "d", call_rate=2.0)
+    client = clients(daemon.address, name="patient")
+    client.start()
+    wait_until(lambda: daemon.engine.online_count() == 1, 10, "the client online")
+    throttled = daemon.metrics.rpc_rejections.labels("GetTask", "RESOURCE_EXHAUSTED")
+    wait_until(lambda: throttled._value.get() > 0, 20, "idle polls to use up the burst")
+    create_run(daemon.address, num_rounds=2)
+    stats = client.join(timeout=60)
+    assert (stats.rounds_trained, stats.rounds_evaluated) == (2, 2)
+
+
 # 6. transparent re-join -------------------------------------------------------------------
 def test_client_joins_again_when_a_fresh_server_does_not_know_it(tmp_path, clients, daemons):
     first = daemons(tmp_path / "a")
