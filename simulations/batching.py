@@ -66,7 +66,7 @@ def loader_orders(count: int, batch_size: int, seed: int, epochs: int) -> torch.
     return torch.stack([torch.cat([batch for (batch,) in data]) for _ in range(epochs)])
 
 
-def _fast_path_valid() -> bool:
+def fast_orders_valid() -> bool:
     """Checked once per process: a torch release that changes DataLoader's draws turns it off."""
     global _fast_orders_agree
     if _fast_orders_agree is None:
@@ -92,7 +92,7 @@ def epoch_batches(
     prepare several clients' data before training them (see `LocalTrainer.fold`).
     """
     base = train.dataset
-    if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and len(train) and _fast_path_valid()):
+    if not (isinstance(base, TensorDataset) and len(base.tensors) == 2 and len(train) and fast_orders_valid()):
         data = loader(train, batch_size, True, seed)
         return lambda: iter(data)
     if rows is None:

@@ -55,7 +55,7 @@ from torch.utils.data import TensorDataset
 
 from client_sdk.training import sgd
 from simulations.apps import App, loader
-from simulations.batching import EpochOrders, loader_orders
+from simulations.batching import EpochOrders, fast_orders_valid, loader_orders
 from simulations.config import SimulationConfig
 from simulations.inprocess import Progress, client_seed, intra_op_threads, one_intra_op_thread, run_inprocess
 from simulations.inprocess import evaluation_sums as stacked_evaluation_sums
@@ -407,8 +407,6 @@ class _VectorTrainer:
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sample_bytes = self.inputs[:1].numel() * self.inputs.element_size()
         self.activation_bytes_per_sample = _saved_bytes_per_sample(model, self.inputs[:8], self.targets[:8])
-        self._orders_checked = False
-        self._fast_orders = True
         self._draw = EpochOrders()
         self._steps: dict[float, StepFn] = {}
 
@@ -440,16 +438,9 @@ class _VectorTrainer:
         """The client's shuffled positions, one tensor per epoch."""
         if epochs < 1:
             return []
-        if not self._fast_orders:
+        if not fast_orders_valid():  # a torch release changed DataLoader's draws: iterate the real one
             return loader_orders(count, batch_size, seed, epochs).unbind(0)
-        fast = self._draw(count, seed, epochs)
-        if not self._orders_checked:  # once per run, the fast path is checked against the real loader
-            self._orders_checked = True
-            reference = loader_orders(count, batch_size, seed, epochs)
-            if not torch.equal(torch.stack(fast), reference):  # a torch release changed DataLoader's draws
-                self._fast_orders = False
-                return reference.unbind(0)
-        return fast
+        return self._draw(count, seed, epochs)
 
     # -- training
 
