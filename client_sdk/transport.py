@@ -237,9 +237,9 @@ class FleetTransport:
         """Tell the server, once and without retrying, that this task's app code failed, so its
         round need not wait for this client until the deadline. Never raises: the failure the
         host app hears about is its own, not this report's (an older server answers UNIMPLEMENTED)."""
-        report = pb.FailureReport(
-            task_id=task.task_id, run_id=task.run_id, round=task.round, reason=report_failure_reason(reason)
-        )
+        if len(reason) > MAX_FAILURE_REASON:
+            reason = reason[: MAX_FAILURE_REASON - 1] + "…"
+        report = pb.FailureReport(task_id=task.task_id, run_id=task.run_id, round=task.round, reason=reason)
         try:
             self._stub.ReportFailure(report, metadata=self._metadata(), timeout=self.rpc_timeout)
             return True
@@ -247,11 +247,6 @@ class FleetTransport:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             log.warning("could not tell the server that the task failed (%s)", code.name if code else exc)
             return False
-
-
-def report_failure_reason(reason: str) -> str:
-    """`reason` cut to what the server takes (1,000 characters)."""
-    return reason if len(reason) <= MAX_FAILURE_REASON else reason[: MAX_FAILURE_REASON - 1] + "…"
 
 
 def task_config(task: pb.Task) -> dict[str, Any]:

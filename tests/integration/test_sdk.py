@@ -349,6 +349,9 @@ def test_failure_reports_are_checked_and_counted_once(tmp_path, daemons):
         assert report() == grpc.StatusCode.OK  # a repeat is acknowledged...
         assert daemon.metrics.client_failures.labels(kind="train")._value.get() == 1  # ...and counted once
         assert transport.report_failure(pb.Task(task_id="0" * 16, run_id=task.run_id, round=1), "x") is False
+        # The SDK cuts a long reason (a traceback, say) to what the daemon takes, so it is not refused.
+        own = pb.Task(task_id=task.task_id, run_id=task.run_id, round=task.round)
+        assert transport.report_failure(own, "x" * 5000) is True
     finally:
         transport.close()
 
